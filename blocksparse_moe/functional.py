@@ -1,0 +1,116 @@
+"""The dropless expert FFN as one function: route, sort, compute every expert at once, combine.
+
+``moe_ffn`` is the functional core that the layers build on::
+
+    y = moe_ffn(x, expert_ids, weights, w1, w2, v1=None, activation="silu", block_size=64)
+
+computes ``y[t] = sum_j weights[t, j] * FFN_{expert_ids[t, j]}(x[t])`` with
+``FFN_e(x) = act(x @ w1[e]) @ w2[e]``, or ``(act(x @ w1[e]) * (x @ v1[e])) @ w2[e]``
+when ``v1`` is given (GLU; SwiGLU is ``activation="silu"``). No token is dropped
+and no expert is padded to a capacity. The weights are read through their strides:
+transposed or sliced views (e.g. halves of a fused gate/up tensor) are used in place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import ops
+from .reference import get_activation
+from .routing import RoutingPlan, plan_routing
+from .topology import SUPPORTED_BLOCK_SIZES, Topology, build_topology
+from .kernels.checks import FLOAT_DTYPES
+
+__all__ = ["moe_ffn", "expert_ffn", "check_ffn_args"]
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_ffn_args(x, expert_ids, weights, w1, w2, v1=None, block_size: int = 64) -> None:
+    """Validate the public arguments of :func:`moe_ffn` (messages name the argument)."""
+    named = {"x": x, "w1": w1, "w2": w2, "weights": weights}
+    if v1 is not None:
+        named["v1"] = v1
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if not isinstance(expert_ids, torch.Tensor):
+        raise TypeError(f"expert_ids must be a torch.Tensor, got {type(expert_ids).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [tokens, hidden], got shape {_shape(x)}")
+    if w1.dim() != 3:
+        raise ValueError(f"w1 must be [num_experts, hidden, ffn], got shape {_shape(w1)}")
+    E, H, ffn = w1.shape
+    if x.shape[1] != H:
+        raise ValueError(f"x has hidden size {x.shape[1]} but w1 expects {H} (w1 shape {_shape(w1)})")
+    if _shape(w2) != (E, ffn, H):
+        raise ValueError(f"w2 must have shape {(E, ffn, H)} to match w1 {_shape(w1)}, got {_shape(w2)}")
+    if v1 is not None and _shape(v1) != _shape(w1):
+        raise ValueError(f"v1 must have the shape of w1 {_shape(w1)}, got {_shape(v1)}")
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"expert_ids must be [tokens={x.shape[0]}, top_k], got shape {_shape(expert_ids)}")
+    if _shape(weights) != _shape(expert_ids):
+        raise ValueError(f"weights must have the shape of expert_ids {_shape(expert_ids)}, got {_shape(weights)}")
+    for name in ("w1", "w2", "v1"):
+        t = named.get(name)
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; expected the same dtype")
+    for name, t in list(named.items()) + [("expert_ids", expert_ids)]:
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected one device")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+
+
+def expert_ffn(
+    x: torch.Tensor,
+    plan: RoutingPlan,
+    topo: Topology,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    v1: torch.Tensor | None = None,
+    activation: str | Callable = "gelu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The FFN of every expert over a routing plan and topology built once by the caller."""
+    act = get_activation(activation)
+    xs = ops.gather(x, plan, backend)
+    h = act(ops.sdd(xs, w1, topo, backend))
+    if v1 is not None:
+        h = h * ops.sdd(xs, v1, topo, backend)
+    ys = ops.dsd(h, w2, topo, backend)
+    return ops.combine(ys, plan, weights, backend)
+
+
+def moe_ffn(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    v1: torch.Tensor | None = None,
+    *,
+    activation: str | Callable = "gelu",
+    block_size: int = 64,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dropless MoE FFN: ``x [T, H]``, ``expert_ids [T, k]`` (integers), ``weights [T, k]``,
+    ``w1 [E, H, ffn]``, ``w2 [E, ffn, H]``, optional ``v1 [E, H, ffn]`` -> ``[T, H]``.
+
+    Differentiable in ``x``, ``weights``, ``w1``, ``w2`` and ``v1``. No host sync on
+    CUDA with the Triton backend (the torch backend reads counts back; see
+    :mod:`blocksparse_moe.reference`).
+    """
+    check_ffn_args(x, expert_ids, weights, w1, w2, v1, block_size)
+    backend = ops.resolve_backend(backend, x.device)
+    get_activation(activation)  # reject a bad name before any work
+    plan = plan_routing(expert_ids, w1.shape[0])
+    topo = build_topology(plan, w1.shape[2], block_size)
+    return expert_ffn(x, plan, topo, weights, w1, w2, v1, activation, backend)

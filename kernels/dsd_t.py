@@ -1,0 +1,112 @@
+"""DSD^T: per-expert dense = sparse^T x dense, the expert weight gradients.
+
+``out[e][columns of column block f] = sum over block rows r of e: data[block(r, f)]^T @ d[rows of r]``.
+Backward uses it for ``dw2 = h^T @ dy_sorted`` and ``dw1^T = dh^T @ x_sorted`` (the
+output a transposed view of ``dw1``). Blocks are visited in column-major order
+through the topology's transposed index and read in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import check_block_data, check_same, check_tensor
+from .config import dot_precision, dsd_configs, needs_upcast, prune_by_block
+
+
+@triton.autotune(
+    configs=dsd_configs(),
+    key=["K", "N", "BLOCK"],
+    prune_configs_by={"early_config_prune": prune_by_block(dsd_configs)},
+)
+@triton.jit
+def _dsd_t_kernel(
+    data_ptr,  # [capacity, BLOCK, BLOCK] block data, contiguous
+    b_ptr,  # [S, N] sorted rows (the dense operand), strides (stride_bm, stride_bn)
+    out_ptr,  # [E, K, N] per-expert result, strides (stride_oe, stride_ok, stride_on)
+    offsets_t_ptr,  # [E * F + 1] int32: column block -> first transposed entry
+    column_indices_t_ptr,  # [capacity] int32: transposed entry -> block row
+    block_offsets_t_ptr,  # [capacity] int32: transposed entry -> block
+    block_row_start_ptr,  # [R] int32: block row -> first sorted position
+    block_row_end_ptr,  # [R] int32: block row -> end of its expert's rows (exclusive)
+    K,
+    N,
+    F,
+    stride_bm,
+    stride_bn,
+    stride_oe,
+    stride_ok,
+    stride_on,
+    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid ``(E * F, cdiv(N, BLOCK_N))``: program ``(c, n)`` writes ``out[e, f-th BLOCK rows, tile n]``.
+
+    It reduces over every block of column block ``c = e * F + f`` (one block row of
+    expert ``e`` each), masking the dense rows past each block row's end. An expert
+    with no rows runs no iteration and stores zeros, so every element is written.
+    """
+    c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = c // F
+    f = c % F
+    offs = tl.arange(0, BLOCK)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    first = tl.load(offsets_t_ptr + c)
+    last = tl.load(offsets_t_ptr + c + 1)
+    acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+    for j in range(first, last):
+        blk = tl.load(block_offsets_t_ptr + j)
+        r = tl.load(column_indices_t_ptr + j)
+        rows = tl.load(block_row_start_ptr + r) + offs
+        row_mask = rows < tl.load(block_row_end_ptr + r)
+        a = tl.load(data_ptr + blk.to(tl.int64) * (BLOCK * BLOCK) + offs[:, None] * BLOCK + offs[None, :])
+        b = tl.load(
+            b_ptr + rows.to(tl.int64)[:, None] * stride_bm + cols.to(tl.int64)[None, :] * stride_bn,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+    kk = f * BLOCK + offs
+    out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + kk.to(tl.int64)[:, None] * stride_ok + cols.to(tl.int64)[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(kk < K)[:, None] & col_mask[None, :])
+
+
+def dsd_t(data: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch DSD^T: ``data [capacity, bs, bs]``, ``b [S, N]`` -> ``[E, ffn, N]``.
+
+    ``out`` may be any strided ``[E, ffn, N]`` view (e.g. ``dw1.transpose(1, 2)``);
+    every element of it is written.
+    """
+    check_block_data("dsd_t", "data", data, topo)
+    check_tensor("dsd_t", "b", b, dim=2)
+    check_same("dsd_t", {"data": data, "b": b}, device=topo.device)
+    S, N = b.shape
+    if S != topo.num_slots:
+        raise ValueError(f"dsd_t: b must have {topo.num_slots} rows (tokens * top_k), got {S}")
+    E, K = topo.num_experts, topo.ffn_size
+    if out is None:
+        out = torch.empty(E, K, N, dtype=data.dtype, device=data.device)
+    elif out.shape != (E, K, N) or out.dtype != data.dtype:
+        raise ValueError(f"dsd_t: out must be a {data.dtype} tensor of shape {(E, K, N)}, got {tuple(out.shape)}")
+    if N == 0:
+        return out
+    if topo.capacity == 0:  # no rows at all: the gradient is zero
+        return out.zero_()
+    grid = lambda meta: (E * topo.ffn_blocks, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _dsd_t_kernel[grid](
+        data, b, out,
+        topo.offsets_t, topo.column_indices_t, topo.block_offsets_t, topo.block_row_start, topo.block_row_end,
+        K, N, topo.ffn_blocks,
+        b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        BLOCK=topo.block_size, UPCAST=needs_upcast(data.dtype), PRECISION=dot_precision(data.dtype),
+    )  # fmt: skip
+    return out
