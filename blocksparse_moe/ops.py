@@ -20,6 +20,8 @@ combine    ``y = combine(ys, w)``      ``dys = gather(g, scale=w)``, ``dw = <g, 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import kernels as K
@@ -47,6 +49,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# Each kernel is one custom op. Backward formulas call these ops (never the raw
+# launchers), so that AOT autograd traces them as opaque nodes with fake tensors.
+
+
 # --------------------------------------------------------------------------- sdd
 @torch.library.custom_op("blocksparse_moe::sdd", mutates_args=())
 def _sdd_op(a: Tensor, b: Tensor, sizes: list[int], topo_tensors: list[Tensor]) -> Tensor:
@@ -67,13 +73,12 @@ def _sdd_setup(ctx, inputs, output):
 
 def _sdd_backward(ctx, grad):
     a, b, *topo_tensors = ctx.saved_tensors
-    topo = Topology.from_parts(ctx.sizes, topo_tensors)
+    grad = grad.contiguous()
     da = db = None
     if ctx.needs_input_grad[0]:
-        da = K.dsd(grad.contiguous(), b.transpose(1, 2), topo)
+        da = _dsd_op(grad, b.transpose(1, 2), ctx.sizes, topo_tensors)
     if ctx.needs_input_grad[1]:
-        db = torch.empty(b.shape, dtype=b.dtype, device=b.device)
-        K.dsd_t(grad.contiguous(), a, topo, out=db.transpose(1, 2))
+        db = _dsd_t_op(grad, a, ctx.sizes, topo_tensors).transpose(1, 2)  # [E, K, ffn] view
     return da, db, None, [None] * len(topo_tensors)
 
 
@@ -99,38 +104,52 @@ def _dsd_setup(ctx, inputs, output):
 
 def _dsd_backward(ctx, grad):
     data, b, *topo_tensors = ctx.saved_tensors
-    topo = Topology.from_parts(ctx.sizes, topo_tensors)
     ddata = db = None
     if ctx.needs_input_grad[0]:
-        ddata = K.sdd(grad, b.transpose(1, 2), topo)
+        ddata = _sdd_op(grad, b.transpose(1, 2), ctx.sizes, topo_tensors)
     if ctx.needs_input_grad[1]:
-        db = K.dsd_t(data, grad, topo)
+        db = _dsd_t_op(data, grad, ctx.sizes, topo_tensors)
     return ddata, db, None, [None] * len(topo_tensors)
 
 
 _dsd_op.register_autograd(_dsd_backward, setup_context=_dsd_setup)
 
 
+# --------------------------------------------------------------------------- dsd_t (backward only)
+@torch.library.custom_op("blocksparse_moe::dsd_t", mutates_args=())
+def _dsd_t_op(data: Tensor, b: Tensor, sizes: list[int], topo_tensors: list[Tensor]) -> Tensor:
+    return K.dsd_t(data.contiguous(), b, Topology.from_parts(sizes, topo_tensors))
+
+
+@_dsd_t_op.register_fake
+def _(data, b, sizes, topo_tensors):
+    return data.new_empty(sizes[1], sizes[2], b.shape[1])  # [E, ffn, N]
+
+
 # --------------------------------------------------------------------------- gather
 @torch.library.custom_op("blocksparse_moe::gather", mutates_args=())
-def _gather_op(x: Tensor, sorted_to_slot: Tensor, slot_to_sorted: Tensor, top_k: int) -> Tensor:
-    return K.gather(x, sorted_to_slot, top_k)
+def _gather_op(
+    x: Tensor, scale: Optional[Tensor], sorted_to_slot: Tensor, slot_to_sorted: Tensor, top_k: int
+) -> Tensor:
+    return K.gather(x, sorted_to_slot, top_k, scale)
 
 
 @_gather_op.register_fake
-def _(x, sorted_to_slot, slot_to_sorted, top_k):
+def _(x, scale, sorted_to_slot, slot_to_sorted, top_k):
     return x.new_empty(sorted_to_slot.numel(), x.shape[1])
 
 
 def _gather_setup(ctx, inputs, output):
-    _, sorted_to_slot, slot_to_sorted, top_k = inputs
-    ctx.save_for_backward(slot_to_sorted)
+    _, scale, sorted_to_slot, slot_to_sorted, top_k = inputs
+    if scale is not None:
+        raise NotImplementedError("gather with a scale is a backward-only op; it has no gradient")
+    ctx.save_for_backward(sorted_to_slot, slot_to_sorted)
     ctx.top_k = top_k
 
 
 def _gather_backward(ctx, grad):
-    (slot_to_sorted,) = ctx.saved_tensors
-    return K.combine(grad, slot_to_sorted, ctx.top_k), None, None, None
+    sorted_to_slot, slot_to_sorted = ctx.saved_tensors
+    return _combine_op(grad, None, sorted_to_slot, slot_to_sorted, ctx.top_k), None, None, None, None
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -138,7 +157,9 @@ _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 # --------------------------------------------------------------------------- combine
 @torch.library.custom_op("blocksparse_moe::combine", mutates_args=())
-def _combine_op(src: Tensor, weights: Tensor, sorted_to_slot: Tensor, slot_to_sorted: Tensor, top_k: int) -> Tensor:
+def _combine_op(
+    src: Tensor, weights: Optional[Tensor], sorted_to_slot: Tensor, slot_to_sorted: Tensor, top_k: int
+) -> Tensor:
     return K.combine(src, slot_to_sorted, top_k, weights)
 
 
@@ -157,13 +178,23 @@ def _combine_backward(ctx, grad):
     src, weights, sorted_to_slot, slot_to_sorted = ctx.saved_tensors
     dsrc = dw = None
     if ctx.needs_input_grad[0]:
-        dsrc = K.gather(grad, sorted_to_slot, ctx.top_k, scale=weights)
-    if ctx.needs_input_grad[1]:
-        dw = K.combine_weight_grad(grad, src, slot_to_sorted, ctx.top_k, dtype=weights.dtype)
+        dsrc = _gather_op(grad, weights, sorted_to_slot, slot_to_sorted, ctx.top_k)
+    if weights is not None and ctx.needs_input_grad[1]:
+        dw = _combine_weight_grad_op(grad, src, slot_to_sorted, ctx.top_k, weights.dtype)
     return dsrc, dw, None, None, None
 
 
 _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+@torch.library.custom_op("blocksparse_moe::combine_weight_grad", mutates_args=())
+def _combine_weight_grad_op(dy: Tensor, src: Tensor, slot_to_sorted: Tensor, top_k: int, dtype: torch.dtype) -> Tensor:
+    return K.combine_weight_grad(dy, src, slot_to_sorted, top_k, dtype)
+
+
+@_combine_weight_grad_op.register_fake
+def _(dy, src, slot_to_sorted, top_k, dtype):
+    return src.new_empty(slot_to_sorted.numel() // top_k, top_k, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -185,7 +216,7 @@ def gather(x: Tensor, plan: RoutingPlan, backend: str = "auto") -> Tensor:
     """Token rows ``x [T, H]`` into expert order ``[S, H]`` (differentiable)."""
     if resolve_backend(backend, x.device) == "torch":
         return reference.gather_torch(x, plan)
-    return _gather_op(x, plan.sorted_to_slot, plan.slot_to_sorted, plan.top_k)
+    return _gather_op(x, None, plan.sorted_to_slot, plan.slot_to_sorted, plan.top_k)
 
 
 def combine(y_sorted: Tensor, plan: RoutingPlan, weights: Tensor, backend: str = "auto") -> Tensor:
