@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .checks import check_block_data, check_same, check_tensor
 from .config import dot_precision, dsd_configs, needs_upcast, prune_by_block
+from .tiling import GROUP, grouped_tile
 
 
 @triton.autotune(
@@ -29,6 +30,7 @@ def _dsd_kernel(
     offsets_ptr,  # [R + 1] int32: block row -> first block (BCSR)
     block_row_start_ptr,  # [R] int32: block row -> first sorted position
     block_row_end_ptr,  # [R] int32: block row -> end of its expert's rows (exclusive)
+    R,
     K,
     N,
     F,
@@ -41,16 +43,19 @@ def _dsd_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """Grid ``(R, cdiv(N, BLOCK_N))``: program ``(r, n)`` writes rows of block row ``r``, columns tile ``n``.
+    """Grid ``(R * cdiv(N, BLOCK_N),)``: program ``(r, n)`` writes rows of block row ``r``, column tile ``n``.
+
+    Programs run in grouped order (``tiling.grouped_tile``) so that a block row's
+    blocks and a weight column panel are each reused from L2 by several programs.
 
     It walks the blocks of row ``r`` (``offsets[r] .. offsets[r+1]``), one ``BLOCK``-wide
     step of the inner dimension each. Block columns past ``K`` are masked on both
     operands; rows past the block row's end are not stored. Spare block rows hold no
     blocks and an empty row range: they store nothing.
     """
-    r = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    r, pid_n = grouped_tile(tl.program_id(0), R, tl.cdiv(N, BLOCK_N), GROUP)
     offs = tl.arange(0, BLOCK)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -102,12 +107,12 @@ def dsd(data: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | None = No
         raise ValueError(f"dsd: out must be a {data.dtype} tensor of shape {(S, N)}, got {tuple(out.shape)}")
     if topo.max_block_rows == 0 or N == 0:
         return out
-    grid = lambda meta: (topo.max_block_rows, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (topo.max_block_rows * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _dsd_kernel[grid](
         data, b, out,
         topo.column_indices, topo.offsets, topo.block_row_start, topo.block_row_end,
-        K, N, topo.ffn_blocks,
+        topo.max_block_rows, K, N, topo.ffn_blocks,
         b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
-        BLOCK=topo.block_size, UPCAST=needs_upcast(data.dtype), PRECISION=dot_precision(data.dtype),
+        BLOCK=topo.block_size, UPCAST=needs_upcast(data.dtype), PRECISION=dot_precision(data.dtype), GROUP=GROUP,
     )  # fmt: skip
     return out

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .checks import check_block_data, check_same, check_tensor
 from .config import dot_precision, dsd_configs, needs_upcast, prune_by_block
+from .tiling import GROUP, grouped_tile
 
 
 @triton.autotune(
@@ -31,6 +32,7 @@ def _dsd_t_kernel(
     block_offsets_t_ptr,  # [capacity] int32: transposed entry -> block
     block_row_start_ptr,  # [R] int32: block row -> first sorted position
     block_row_end_ptr,  # [R] int32: block row -> end of its expert's rows (exclusive)
+    C,
     K,
     N,
     F,
@@ -43,15 +45,17 @@ def _dsd_t_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """Grid ``(E * F, cdiv(N, BLOCK_N))``: program ``(c, n)`` writes ``out[e, f-th BLOCK rows, tile n]``.
+    """Grid ``(C * cdiv(N, BLOCK_N),)``, ``C = E * F``: program ``(c, n)`` writes ``out[e, f-th BLOCK rows, tile n]``.
+
+    Programs run in grouped order (``tiling.grouped_tile``) over (column block, tile).
 
     It reduces over every block of column block ``c = e * F + f`` (one block row of
     expert ``e`` each), masking the dense rows past each block row's end. An expert
     with no rows runs no iteration and stores zeros, so every element is written.
     """
-    c = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    c, pid_n = grouped_tile(tl.program_id(0), C, tl.cdiv(N, BLOCK_N), GROUP)
     e = c // F
     f = c % F
     offs = tl.arange(0, BLOCK)
@@ -101,12 +105,12 @@ def dsd_t(data: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | None = 
         return out
     if topo.capacity == 0:  # no rows at all: the gradient is zero
         return out.zero_()
-    grid = lambda meta: (E * topo.ffn_blocks, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (E * topo.ffn_blocks * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _dsd_t_kernel[grid](
         data, b, out,
         topo.offsets_t, topo.column_indices_t, topo.block_offsets_t, topo.block_row_start, topo.block_row_end,
-        K, N, topo.ffn_blocks,
+        E * topo.ffn_blocks, K, N, topo.ffn_blocks,
         b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        BLOCK=topo.block_size, UPCAST=needs_upcast(data.dtype), PRECISION=dot_precision(data.dtype),
+        BLOCK=topo.block_size, UPCAST=needs_upcast(data.dtype), PRECISION=dot_precision(data.dtype), GROUP=GROUP,
     )  # fmt: skip
     return out

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .checks import check_block_args
 from .config import dot_precision, needs_upcast, prune_by_block, sdd_configs
+from .tiling import GROUP, grouped_tile
 
 
 @triton.autotune(
@@ -44,14 +45,19 @@ def _sdd_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """Grid ``(capacity,)``: program ``i`` computes block ``i`` over the whole K.
+    """Grid ``(capacity,)`` = ``(R * F,)``: each program computes one block over the whole K.
+
+    Programs visit blocks in grouped order (``tiling.grouped_tile``): ``GROUP`` block
+    rows, then the next column block, so an expert's weight panel is reused from L2.
 
     An active block's rows past its block row's end (index-space padding) and its
     columns past ``N`` are loaded as zeros, so they come out zero. A spare block
     (``i >= offsets[R]``) skips the K loop and stores zeros.
     """
-    pid = tl.program_id(0)
+    r, f = grouped_tile(tl.program_id(0), R, F, GROUP)
+    pid = r * F + f  # the block this program computes (blocks of row r are r*F .. r*F+F-1)
     offs = tl.arange(0, BLOCK)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -110,6 +116,6 @@ def sdd(a: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | None = None)
         topo.row_indices, topo.column_indices, topo.block_row_start, topo.block_row_end, topo.offsets,
         topo.max_block_rows, K, N, topo.ffn_blocks,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
-        BLOCK=bs, UPCAST=needs_upcast(a.dtype), PRECISION=dot_precision(a.dtype),
+        BLOCK=bs, UPCAST=needs_upcast(a.dtype), PRECISION=dot_precision(a.dtype), GROUP=GROUP,
     )  # fmt: skip
     return out
