@@ -29,7 +29,7 @@ from . import reference
 from .routing import RoutingPlan
 from .topology import Topology
 
-__all__ = ["BACKENDS", "resolve_backend", "sdd", "dsd", "gather", "combine"]
+__all__ = ["BACKENDS", "resolve_backend", "sdd", "dsd", "dsd_t", "gather", "combine"]
 
 BACKENDS = ("auto", "triton", "torch")
 Tensor = torch.Tensor
@@ -210,6 +210,16 @@ def dsd(data: Tensor, b: Tensor, topo: Topology, backend: str = "auto") -> Tenso
     if resolve_backend(backend, data.device) == "torch":
         return reference.dsd_torch(data, b, topo)
     return _dsd_op(data, b, topo.sizes(), topo.tensors())
+
+
+def dsd_t(data: Tensor, b: Tensor, topo: Topology, backend: str = "auto") -> Tensor:
+    """``out[e] = rows(data of e)^T @ b[rows of e]`` -> ``[E, ffn, N]``: the weight-gradient product.
+
+    A backward building block (``dw2 = dsd_t(h, dy_sorted)``); not itself differentiable.
+    """
+    if resolve_backend(backend, data.device) == "torch":
+        return reference.dsd_t_torch(data, b, topo)
+    return _dsd_t_op(data, b, topo.sizes(), topo.tensors())
 
 
 def gather(x: Tensor, plan: RoutingPlan, backend: str = "auto") -> Tensor:

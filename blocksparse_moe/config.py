@@ -1,0 +1,149 @@
+"""``MoEConfig``: every option of the dMoE layer and its capacity-based baseline, validated once.
+
+The config is a plain dataclass: layers read it, nothing writes to it, and no option
+lives in module-global state. Validation runs on construction (and again on
+``dataclasses.replace``), so a bad value fails where it is written, with a message
+naming the field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+from .ops import BACKENDS
+from .reference import ACTIVATIONS
+from .topology import SUPPORTED_BLOCK_SIZES
+
+__all__ = ["MoEConfig", "ROUTER_SCORES"]
+
+ROUTER_SCORES = ("softmax", "sigmoid")
+# The kernels and check_ffn_args accept these; float64 is for the oracle only.
+_LAYER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+Activation = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _is_int(v) -> bool:
+    # bool is an int subclass; True as a size is always a mistake.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class MoEConfig:
+    """Options of :class:`~blocksparse_moe.dMoE` and :class:`~blocksparse_moe.MoE`.
+
+    Sizes:
+        hidden_size: model width ``H`` (the last dimension of the input).
+        ffn_hidden_size: width of one expert's intermediate ``ffn``.
+        num_experts: ``E``.
+        top_k: experts per token, ``1 <= top_k <= num_experts``.
+        block_size: block of the sparse intermediate, one of ``SUPPORTED_BLOCK_SIZES``.
+
+    Experts:
+        activation: ``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"relu"`` or a callable.
+        glu: gated experts ``(act(x @ w1) * (x @ v1)) @ w2`` (SwiGLU with ``"silu"``).
+        recompute_activation: keep only the pre-activation (and the GLU up
+            projection) for backward and recompute ``act`` there, instead of also
+            keeping the activated intermediate (see docs/layer.md, Memory).
+
+    Router (see docs/layer.md, Router):
+        router_score: ``"softmax"`` over all experts then top-k, or ``"sigmoid"``
+            (independent scores per expert, DeepSeek-V3 style).
+        router_renormalize: rescale each token's k weights to sum to 1.
+        router_jitter: ``eps`` of the multiplicative jitter ``x * U(1-eps, 1+eps)``
+            applied to the router's input in training mode; 0 disables it.
+        router_selection_bias: keep a per-expert bias buffer that is added to the
+            scores when choosing experts only (auxiliary-loss-free balancing);
+            update it with ``update_selection_bias``.
+        router_bias_update_rate: step ``gamma`` of that update.
+        router_uniform: ignore the scores when choosing and assign slot ``t*k + j``
+            to expert ``(t*k + j) % E`` (balanced load, for benchmarks).
+
+    Losses (returned in ``aux``, already multiplied by their weights):
+        load_balancing_loss_weight: weight of ``E * sum_i f_i * P_i``.
+        z_loss_weight: weight of ``mean_t(logsumexp(logits_t)^2)``.
+
+    Baseline:
+        capacity_factor: :class:`~blocksparse_moe.MoE` keeps at most
+            ``ceil(capacity_factor * T * k / E)`` rows per expert. dMoE ignores it.
+
+    Placement:
+        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"``
+            or ``"torch"``; dMoE only (MoE is pure torch).
+        dtype: parameter dtype (float32, float16 or bfloat16).
+        device: parameter device; ``None`` is the CPU.
+        init_std: standard deviation of the normal initialisation of every weight.
+    """
+
+    hidden_size: int
+    ffn_hidden_size: int
+    num_experts: int
+    top_k: int = 2
+    block_size: int = 64
+    activation: Activation = "gelu"
+    glu: bool = False
+    recompute_activation: bool = False
+    router_score: str = "softmax"
+    router_renormalize: bool = False
+    router_jitter: float = 0.0
+    router_selection_bias: bool = False
+    router_bias_update_rate: float = 1e-3
+    router_uniform: bool = False
+    load_balancing_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    capacity_factor: float = 1.0
+    backend: str = "auto"
+    dtype: torch.dtype = torch.float32
+    device: Union[str, torch.device, None] = None
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k!r}"
+            )
+        if self.block_size not in SUPPORTED_BLOCK_SIZES or not _is_int(self.block_size):
+            raise ValueError(f"MoEConfig.block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size!r}")
+        if not callable(self.activation) and not (isinstance(self.activation, str) and self.activation in ACTIVATIONS):
+            raise ValueError(
+                f"MoEConfig.activation must be one of {sorted(ACTIVATIONS)} or a callable, got {self.activation!r}"
+            )
+        for name in ("glu", "recompute_activation", "router_renormalize", "router_selection_bias", "router_uniform"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TypeError(f"MoEConfig.{name} must be a bool, got {v!r}")
+        if self.router_score not in ROUTER_SCORES:
+            raise ValueError(f"MoEConfig.router_score must be one of {ROUTER_SCORES}, got {self.router_score!r}")
+        if not _is_real(self.router_jitter) or not 0 <= self.router_jitter < 1:
+            raise ValueError(f"MoEConfig.router_jitter must be a number in [0, 1), got {self.router_jitter!r}")
+        for name in ("router_bias_update_rate", "load_balancing_loss_weight", "z_loss_weight", "init_std"):
+            v = getattr(self, name)
+            if not _is_real(v) or v < 0:
+                raise ValueError(f"MoEConfig.{name} must be a finite number >= 0, got {v!r}")
+        if not _is_real(self.capacity_factor) or self.capacity_factor <= 0:
+            raise ValueError(f"MoEConfig.capacity_factor must be a finite number > 0, got {self.capacity_factor!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"MoEConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.dtype not in _LAYER_DTYPES:
+            raise TypeError(f"MoEConfig.dtype must be one of {_LAYER_DTYPES}, got {self.dtype!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"MoEConfig.device must name a torch device, got {self.device!r}") from err
+
+    def capacity(self, num_tokens: int) -> int:
+        """Rows per expert of the baseline: ``ceil(capacity_factor * T * k / E)``."""
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
