@@ -24,6 +24,7 @@ case "$job" in
   demo)  exec .venv/bin/python -m blocksparse_moe.demo "$@" ;;
   test)  export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
          exec .venv/bin/python -m pytest -q "$@" ;;
-  bench) exec .venv/bin/python -m benchmarks "$@" ;;
+  bench) .venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/python -m pip install -q -e ".[bench]"
+         exec .venv/bin/python -m benchmarks "$@" ;;
   *) echo "usage: ./dev.sh {demo|test|bench} [args]" >&2; exit 2 ;;
 esac
