@@ -1,0 +1,52 @@
+"""Expert parallelism over ``torch.distributed``: the dMoE layer with its experts sharded over ranks.
+
+::
+
+    import torch.distributed as dist
+    from blocksparse_moe import MoEConfig, dMoE
+    from blocksparse_moe.parallel import ExpertParallelDMoE, shard_state_dict, sync_router_grads
+
+    dist.init_process_group("gloo")            # or "nccl"; torchrun sets the rendezvous
+    cfg = MoEConfig(hidden_size=256, ffn_hidden_size=704, num_experts=8, top_k=2)
+    layer = ExpertParallelDMoE(cfg, group=None, name="blocks.0.moe")   # 8 / world_size experts here
+    layer.load_state_dict(shard_state_dict(full_state_dict, layer))    # optional: from a full checkpoint
+    y = layer(x)                                # x: this rank's tokens [..., 256]
+    loss(y).backward()
+    sync_router_grads(model)                    # the replicated router's gradient, summed over ranks
+
+Two all-to-alls (tokens out, results back) wrap the block-sparse expert compute;
+the split sizes come from one count exchange whose result is read on the host once
+per forward, or never with ``capacity_per_peer`` (fixed-size chunks). See
+docs/parallel.md for the data flow, the host read, the memory of the fixed mode and
+the measured traffic.
+"""
+
+from .collectives import CollectiveError, Communicator, PeerFailedError, all_to_all
+from .checks import ConfigMismatchError, check_same_config, config_fingerprint
+from .layer import (
+    AllToAllStats,
+    CapacityOverflowError,
+    ExpertParallelAux,
+    ExpertParallelDMoE,
+    sync_router_grads,
+)
+from .sharding import EXPERT_PARAMS, expert_range, gather_state_dict, shard_state_dict
+
+__all__ = [
+    "AllToAllStats",
+    "CapacityOverflowError",
+    "CollectiveError",
+    "Communicator",
+    "ConfigMismatchError",
+    "EXPERT_PARAMS",
+    "ExpertParallelAux",
+    "ExpertParallelDMoE",
+    "PeerFailedError",
+    "all_to_all",
+    "check_same_config",
+    "config_fingerprint",
+    "expert_range",
+    "gather_state_dict",
+    "shard_state_dict",
+    "sync_router_grads",
+]
