@@ -61,6 +61,25 @@ class MoEAux:
         return self.load_balancing_loss + self.z_loss
 
 
+def add_expert_parameters(module: nn.Module, config: MoEConfig, num_experts: int) -> None:
+    """Give ``module`` a router and ``num_experts`` experts' ``w1``, ``w2`` (and ``v1``), uninitialised.
+
+    Shared by :class:`dMoE`, :class:`MoE` and the expert-parallel layer (which holds
+    ``E / world_size`` experts), so that their parameter names and shapes match and a
+    state dict moves between them.
+    """
+    H, ffn = config.hidden_size, config.ffn_hidden_size
+    factory = dict(dtype=config.dtype, device=config.device)
+    module.router = Router(config)
+    module.w1 = nn.Parameter(torch.empty(num_experts, H, ffn, **factory))
+    module.w2 = nn.Parameter(torch.empty(num_experts, ffn, H, **factory))
+    if config.glu:
+        module.v1 = nn.Parameter(torch.empty(num_experts, H, ffn, **factory))
+    else:
+        module.register_parameter("v1", None)
+    module.activation = get_activation(config.activation)
+
+
 class _MoEBase(nn.Module):
     """Parameters, input checks, routing and losses shared by both layers."""
 
@@ -69,16 +88,7 @@ class _MoEBase(nn.Module):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         super().__init__()
         self.config = config
-        E, H, ffn = config.num_experts, config.hidden_size, config.ffn_hidden_size
-        factory = dict(dtype=config.dtype, device=config.device)
-        self.router = Router(config)
-        self.w1 = nn.Parameter(torch.empty(E, H, ffn, **factory))
-        self.w2 = nn.Parameter(torch.empty(E, ffn, H, **factory))
-        if config.glu:
-            self.v1 = nn.Parameter(torch.empty(E, H, ffn, **factory))
-        else:
-            self.register_parameter("v1", None)
-        self.activation = get_activation(config.activation)
+        add_expert_parameters(self, config, config.num_experts)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

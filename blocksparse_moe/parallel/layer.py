@@ -31,8 +31,7 @@ from torch import nn
 
 from .. import ops
 from ..config import MoEConfig
-from ..reference import get_activation
-from ..router import Router
+from ..layers import add_expert_parameters
 from ..routing import RoutingPlan, plan_routing
 from ..topology import Topology, build_topology
 from .checks import check_same_config
@@ -135,16 +134,7 @@ class ExpertParallelDMoE(nn.Module):
             )
         self.num_local_experts = E // W
         self.expert_offset = self.comm.rank * self.num_local_experts
-        H, ffn, El = config.hidden_size, config.ffn_hidden_size, self.num_local_experts
-        factory = dict(dtype=config.dtype, device=config.device)
-        self.router = Router(config)
-        self.w1 = nn.Parameter(torch.empty(El, H, ffn, **factory))
-        self.w2 = nn.Parameter(torch.empty(El, ffn, H, **factory))
-        if config.glu:
-            self.v1 = nn.Parameter(torch.empty(El, H, ffn, **factory))
-        else:
-            self.register_parameter("v1", None)
-        self.activation = get_activation(config.activation)
+        add_expert_parameters(self, config, self.num_local_experts)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ properties
