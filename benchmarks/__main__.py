@@ -36,6 +36,8 @@ def _parse(argv):
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu: stable timings)")
     p.add_argument("--no-report", action="store_true", help="do not render plots and docs/benchmarks.md")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new configuration after this many seconds (the rest is listed as not run)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="allow --full on a CPU (very slow)")
     p.add_argument("--strict", action="store_true", help="exit 1 if this library's implementations fail a check")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -123,28 +125,49 @@ def main(argv=None) -> int:
     progress = common.Progress(total, enabled=not args.quiet)
     print(f"benchmarks: {args.suite} suite on {env['device_name']} ({env['dtype']}), {len(k_shapes)} kernel and "
           f"{len(l_shapes)} layer shapes x {len(routings)} routings", file=sys.stderr)  # fmt: skip
-    k_records = kernels.run_all(k_shapes, routings, device, dtype, timer, env, progress, skip=skip)
-    l_records = layers.run_all(l_shapes, routings, device, dtype, timer, env, progress, skip=skip)
+    budget = common.Budget(args.budget_s)
+    out_dir = Path(args.out) if args.out else common.RESULTS_DIR
+    settings_rec = {"routings": routings, "grid": args.grid, "filter": args.filter, "only": args.only,
+                    "skip": list(skip), "part": common.part_name(args.only, args.filter)}  # fmt: skip
+    path = common.results_path(out_dir, env, args.suite, started, settings_rec["part"])
+    done: dict = {"kernels": [], "layers": []}
+
+    def results_so_far(complete: bool) -> dict:
+        return {
+            "schema": common.SCHEMA,
+            "suite": args.suite,
+            "created": started.isoformat(),
+            "argv": ["python", "-m", "benchmarks", *argv],
+            "wall_s": time.perf_counter() - t0,
+            "complete": complete,
+            "not_run": list(budget.not_run),
+            "env": env,
+            "timer": timer.describe(),
+            "settings": settings_rec,
+            "kernels": done["kernels"],
+            "layers": done["layers"],
+            "summary": summarize(done["kernels"], done["layers"]),
+        }
+
+    def checkpoint(section):
+        def write(records):  # after each configuration: a run killed at its time limit keeps what it did
+            done[section] = records
+            common.write_results(path, results_so_far(False))
+
+        return write
+
+    done["kernels"] = kernels.run_all(k_shapes, routings, device, dtype, timer, env, progress, skip=skip,
+                                      budget=budget, on_record=checkpoint("kernels"))  # fmt: skip
+    done["layers"] = layers.run_all(l_shapes, routings, device, dtype, timer, env, progress, skip=skip,
+                                    budget=budget, on_record=checkpoint("layers"))  # fmt: skip
     progress.close()
 
-    summary = summarize(k_records, l_records)
-    results = {
-        "schema": common.SCHEMA,
-        "suite": args.suite,
-        "created": started.isoformat(),
-        "argv": ["python", "-m", "benchmarks", *argv],
-        "wall_s": time.perf_counter() - t0,
-        "env": env,
-        "timer": timer.describe(),
-        "settings": {"routings": routings, "grid": args.grid, "filter": args.filter, "only": args.only,
-                     "skip": list(skip), "part": common.part_name(args.only, args.filter)},
-        "kernels": k_records,
-        "layers": l_records,
-        "summary": summary,
-    }
-    out_dir = Path(args.out) if args.out else common.RESULTS_DIR
-    path = common.write_results(common.results_path(out_dir, env, args.suite, started, results["settings"]["part"]), results)
+    results = results_so_far(not budget.not_run)
+    summary = results["summary"]
+    path = common.write_results(path, results)
     print(f"benchmarks: wrote {path} in {results['wall_s']:.1f} s", file=sys.stderr)
+    if budget.not_run:
+        print(f"benchmarks: --budget-s spent; not run: {', '.join(budget.not_run)}", file=sys.stderr)
     for p in summary["problems"]:
         print(f"  {p['status']}: {p['where']} {p['impl']}: {p['error']}", file=sys.stderr)
     if not args.no_report:

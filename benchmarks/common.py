@@ -321,6 +321,21 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- results IO
+class Budget:
+    """A wall-clock allowance for a run (``--budget-s``): configurations not started in time are listed."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.perf_counter() + seconds
+        self.not_run: list[str] = []
+
+    def spent(self, what: str) -> bool:
+        """True (and ``what`` recorded as not run) once the allowance is used up."""
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            self.not_run.append(what)
+            return True
+        return False
+
+
 def part_name(only: str | None, name_filter: str) -> str:
     """What part of a suite a run covers: ``""`` for all of it, else e.g. ``kernels`` or ``layers-mixtral``."""
     bits = [only or ""] + ([re.sub(r"[^A-Za-z0-9.]+", "-", name_filter).strip("-")] if name_filter else [])

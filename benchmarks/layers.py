@@ -284,11 +284,18 @@ def count_steps(shapes, routings, skip: tuple = ()) -> int:
     return len(shapes) * len(routings) * (len([v for v in VARIANTS if v not in skip]) + 1)
 
 
-def run_all(shapes, routings, device, dtype, timer, env, progress=None, seed: int = 4321, skip: tuple = ()) -> list[dict]:
+def run_all(shapes, routings, device, dtype, timer, env, progress=None, seed: int = 4321, skip: tuple = (),
+            budget=None, on_record=None) -> list[dict]:  # fmt: skip
+    """Every (shape, routing) in turn. ``budget`` (a :class:`common.Budget`) stops starting new
+    ones once spent; ``on_record(records)`` is called after each, so a killed run keeps its results."""
     records = []
     for si, shape in enumerate(shapes):
         for ri, routing in enumerate(routings):
+            if budget is not None and budget.spent(f"{shape.name} {routing}"):
+                continue
             records.append(run_config(shape, routing, seed + 100 * si + ri, device, dtype, timer, env, progress, skip))
+            if on_record is not None:
+                on_record(records)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return records

@@ -6,6 +6,11 @@ On a GPU the autotuner picks among the configs built here for the launch's block
 and element size, after dropping those whose pipelined tiles would not fit the shared
 memory of the device or whose tiles would not fit the registers without spilling.
 ``tests/test_compile_sm90.py`` compiles them for sm_90 and checks both.
+
+``BSMOE_AUTOTUNE=0`` (read when this module is imported) keeps one config per block size
+and element size instead of the list: each launch then compiles once and times
+nothing. The GPU test run sets it, since its hypothesis examples meet hundreds of
+distinct shapes, each of which would otherwise be autotuned; timings want the default.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning() -> bool:
+    """False under ``BSMOE_AUTOTUNE=0``: one default config per block and element size."""
+    return os.environ.get("BSMOE_AUTOTUNE", "1") != "0"
 
 
 def needs_upcast(dtype: torch.dtype) -> bool:
@@ -83,6 +93,16 @@ def _registers_fit(m: int, n: int, k: int, warps: int, elem_bytes: int) -> bool:
     return acc <= 32 and work <= limit and (warps == 4 or acc >= 32 or work >= 2048)
 
 
+def _default(configs: list[triton.Config], **prefer: int) -> list[triton.Config]:
+    """The one config nearest (in log2 steps) to the preferred values, for ``BSMOE_AUTOTUNE=0``."""
+
+    def distance(c: triton.Config) -> tuple:
+        have = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        return tuple(abs(have[k].bit_length() - v.bit_length()) for k, v in prefer.items())
+
+    return [min(configs, key=distance)] if configs else configs
+
+
 def _config_key(c: triton.Config) -> tuple:
     return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
@@ -114,7 +134,7 @@ def sdd_configs(block: int | None = None, elem_bytes: int = 2) -> list[triton.Co
     for block_k, warps, stages in itertools.product(_SDD_BLOCK_K[eb], _WARPS[eb], _SDD_STAGES):
         if _registers_fit(block, block, block_k, warps, eb) and _fits(block, block, block_k, stages, elem_bytes):
             out.append(triton.Config({"BLOCK_K": block_k}, num_warps=warps, num_stages=stages))
-    return out
+    return out if autotuning() else _default(out, BLOCK_K=64, num_stages=3, num_warps=4)
 
 
 def dsd_configs(block: int | None = None, elem_bytes: int = 2) -> list[triton.Config]:
@@ -131,7 +151,7 @@ def dsd_configs(block: int | None = None, elem_bytes: int = 2) -> list[triton.Co
     for block_n, warps, stages in itertools.product(_DSD_BLOCK_N[eb], _WARPS[eb], _DSD_STAGES):
         if _registers_fit(block, block_n, block, warps, eb) and _fits(block, block_n, block, stages, elem_bytes):
             out.append(triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return out
+    return out if autotuning() else _default(out, BLOCK_N=128, num_stages=2, num_warps=4)
 
 
 def prune_by_block(configs_for):

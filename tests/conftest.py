@@ -8,6 +8,9 @@ TRITON_INTERPRET=0 to test the compiled kernels.
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("BSMOE_TEST_DEVICE") == "cuda" else "1")
+# On a GPU, one kernel config per block size and dtype (kernels/config.py): the examples
+# meet hundreds of shapes, and autotuning each would cost more than the tests themselves.
+os.environ.setdefault("BSMOE_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
