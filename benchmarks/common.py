@@ -115,8 +115,10 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.version.cuda,
-        "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": None if dirty is None else bool(dirty),
+        # BSMOE_GIT_SHA: the commit a copied working tree was made from (the device tool's copy
+        # carries a .git that may lag behind the files it ships).
+        "git_sha": os.environ.get("BSMOE_GIT_SHA") or _git("rev-parse", "HEAD"),
+        "git_dirty": False if os.environ.get("BSMOE_GIT_SHA") else (None if dirty is None else bool(dirty)),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "dtype": str(dtype).replace("torch.", ""),
         "timer": "triton.testing.do_bench" if device.type == "cuda" else "time.perf_counter",

@@ -211,6 +211,22 @@ def _stk_unsupported(s: KernelShape) -> str | None:
     return None
 
 
+def _stk_overflows(lay: Layout, shape: KernelShape) -> str | None:
+    """stk's kernels keep block indices in int16 and multiply them by the block size in int16
+    under Triton >= 3.2 (``pid_n * BLOCK_N``): past 255 block rows or block columns the address
+    wraps. Seen here as an illegal memory access on an H100 (triton 3.6, E=64), which kills the
+    CUDA context and every timing after it, so such shapes are not run."""
+    import triton
+
+    col_blocks = shape.experts * lay.F
+    if int(triton.__version__.split(".")[0]) * 100 + int(triton.__version__.split(".")[1]) < 302:
+        return None
+    if max(lay.active_rows, col_blocks) > 256:
+        return (f"not run: stk's int16 block indices overflow on Triton >= 3.2 past 256 block rows or columns "
+                f"(here {lay.active_rows} block rows, {col_blocks} block columns); an illegal memory access")  # fmt: skip
+    return None
+
+
 # --------------------------------------------------------------------------- one configuration
 def impls_for(device: torch.device, env: dict) -> list[str]:
     out = ["bsmoe_triton", "dense"]
@@ -234,7 +250,7 @@ def run_config(shape: KernelShape, routing: str, seed: int, device, dtype, timer
     computed = 2 * lay.active_rows * shape.block_size * H * topo.ffn_blocks * shape.block_size
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     rd = ref_dtype(device, dtype)
-    stk_reason = _stk_unsupported(shape)
+    stk_reason = _stk_unsupported(shape) or (_stk_overflows(lay, shape) if device.type == "cuda" else None)
     records = []
     for p in PRODUCTS:
         rec = {

@@ -46,7 +46,7 @@ def make_layer(cls=dMoE, *, H=32, ffn=48, E=8, k=2, bs=16, skew=False, seed=0, d
         if skew:
             # Inputs carry +2 along the first axis (see make_input); these rows turn it
             # into a logit offset of +-6: a quarter of the experts take nearly everything.
-            hot = torch.full((E,), -3.0)
+            hot = torch.full((E,), -3.0, device=layer.router.weight.device)
             hot[: max(1, E // 4)] = 3.0
             layer.router.weight[:, 0] += hot
     return layer
