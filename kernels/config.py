@@ -51,10 +51,9 @@ _SDD_BLOCK_K = {2: (32, 64, 128), 4: (16, 32, 64, 128)}
 _DSD_BLOCK_N = {2: (64, 128, 256), 4: (16, 32, 64, 128, 256)}
 _WARPS = {2: (4, 8), 4: (4, 8, 16)}
 _SDD_STAGES = (2, 3, 4)
-# The DSD kernels load each B tile at an address computed from a loaded column index:
-# Triton's pipeliner keeps two buffers whatever num_stages asks, and on sm_90 stages 3
-# and 4 compile to the same shared memory and registers, so 4 would only add autotuning.
-_DSD_STAGES = (2, 3)
+# The DSD kernels walk their operands with affine pointers (an active block row holds
+# all F column blocks of its expert in order), so deeper pipelines can prefetch.
+_DSD_STAGES = (2, 3, 4)
 _BLOCKS = (16, 32, 64, 128)  # topology.SUPPORTED_BLOCK_SIZES
 _ELEM_BYTES = (2, 4)
 

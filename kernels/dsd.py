@@ -26,7 +26,7 @@ def _dsd_kernel(
     data_ptr,  # [capacity, BLOCK, BLOCK] block data, contiguous
     b_ptr,  # [E, K, N] per-expert dense, strides (stride_be, stride_bk, stride_bn)
     out_ptr,  # [S, N] sorted rows, strides (stride_om, stride_on)
-    column_indices_ptr,  # [capacity] int32: block -> global column block e * F + f
+    block_row_expert_ptr,  # [R] int32: block row -> expert (E for spare rows)
     offsets_ptr,  # [R + 1] int32: block row -> first block (BCSR)
     block_row_start_ptr,  # [R] int32: block row -> first sorted position
     block_row_end_ptr,  # [R] int32: block row -> end of its expert's rows (exclusive)
@@ -50,10 +50,13 @@ def _dsd_kernel(
     Programs run in grouped order (``tiling.grouped_tile``) so that a block row's
     blocks and a weight column panel are each reused from L2 by several programs.
 
-    It walks the blocks of row ``r`` (``offsets[r] .. offsets[r+1]``), one ``BLOCK``-wide
-    step of the inner dimension each. Block columns past ``K`` are masked on both
-    operands; rows past the block row's end are not stored. Spare block rows hold no
-    blocks and an empty row range: they store nothing.
+    An active block row holds all ``F`` column blocks of its expert, in order, at blocks
+    ``r*F .. r*F+F-1`` (see ``topology``), so the loop walks both operands with affine
+    pointers, one ``BLOCK``-wide step of the inner dimension each: no index is loaded
+    inside it, and Triton's pipeliner can prefetch several steps ahead. Block columns
+    past ``K`` are masked on both operands; rows past the block row's end are not
+    stored. Spare block rows hold no blocks (``offsets[r] == offsets[r+1]``) and an
+    empty row range: they run no step and store nothing.
     """
     r, pid_n = grouped_tile(tl.program_id(0), R, tl.cdiv(N, BLOCK_N), GROUP)
     offs = tl.arange(0, BLOCK)
@@ -61,27 +64,21 @@ def _dsd_kernel(
     col_mask = cols < N
     rows = tl.load(block_row_start_ptr + r) + offs
     row_mask = rows < tl.load(block_row_end_ptr + r)
-    first = tl.load(offsets_ptr + r)
-    last = tl.load(offsets_ptr + r + 1)
+    n_blocks = tl.load(offsets_ptr + r + 1) - tl.load(offsets_ptr + r)  # F, or 0 for a spare row
+    e = tl.load(block_row_expert_ptr + r)  # E on a spare row: its pointers below are never read
     acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
-    # Blocks of one row are consecutive in data: walk them with a 64-bit pointer.
-    a_ptrs = data_ptr + first.to(tl.int64) * (BLOCK * BLOCK) + offs[:, None] * BLOCK + offs[None, :]
-    for i in range(first, last):
-        c = tl.load(column_indices_ptr + i)
-        e = c // F
-        kk = (c % F) * BLOCK + offs
-        k_mask = kk < K
+    a_ptrs = data_ptr + (r.to(tl.int64) * F) * (BLOCK * BLOCK) + offs[:, None] * BLOCK + offs[None, :]
+    b_ptrs = b_ptr + e.to(tl.int64) * stride_be + offs.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+    for f in range(0, n_blocks):
+        k_mask = f * BLOCK + offs < K
         a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        a_ptrs += BLOCK * BLOCK
-        b = tl.load(
-            b_ptr + e.to(tl.int64) * stride_be + kk.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn,
-            mask=k_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK * BLOCK
+        b_ptrs += BLOCK * stride_bk
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -110,7 +107,7 @@ def dsd(data: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | None = No
     grid = lambda meta: (topo.max_block_rows * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _dsd_kernel[grid](
         data, b, out,
-        topo.column_indices, topo.offsets, topo.block_row_start, topo.block_row_end,
+        topo.block_row_expert, topo.offsets, topo.block_row_start, topo.block_row_end,
         topo.max_block_rows, K, N, topo.ffn_blocks,
         b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
         BLOCK=topo.block_size, UPCAST=needs_upcast(data.dtype), PRECISION=dot_precision(data.dtype), GROUP=GROUP,

@@ -2,8 +2,9 @@
 
 ``out[e][columns of column block f] = sum over block rows r of e: data[block(r, f)]^T @ d[rows of r]``.
 Backward uses it for ``dw2 = h^T @ dy_sorted`` and ``dw1^T = dh^T @ x_sorted`` (the
-output a transposed view of ``dw1``). Blocks are visited in column-major order
-through the topology's transposed index and read in place.
+output a transposed view of ``dw1``). An expert's blocks of one column block lie
+``F`` blocks apart (one per block row, rows consecutive), so they are read in place
+with an affine stride; the topology's transposed index is not needed here.
 """
 
 from __future__ import annotations
@@ -27,11 +28,8 @@ def _dsd_t_kernel(
     data_ptr,  # [capacity, BLOCK, BLOCK] block data, contiguous
     b_ptr,  # [S, N] sorted rows (the dense operand), strides (stride_bm, stride_bn)
     out_ptr,  # [E, K, N] per-expert result, strides (stride_oe, stride_ok, stride_on)
-    offsets_t_ptr,  # [E * F + 1] int32: column block -> first transposed entry
-    column_indices_t_ptr,  # [capacity] int32: transposed entry -> block row
-    block_offsets_t_ptr,  # [capacity] int32: transposed entry -> block
-    block_row_start_ptr,  # [R] int32: block row -> first sorted position
-    block_row_end_ptr,  # [R] int32: block row -> end of its expert's rows (exclusive)
+    expert_offsets_ptr,  # [E + 1] int32: expert -> first sorted position
+    expert_block_offsets_ptr,  # [E + 1] int32: expert -> first block row
     C,
     K,
     N,
@@ -51,9 +49,11 @@ def _dsd_t_kernel(
 
     Programs run in grouped order (``tiling.grouped_tile``) over (column block, tile).
 
-    It reduces over every block of column block ``c = e * F + f`` (one block row of
-    expert ``e`` each), masking the dense rows past each block row's end. An expert
-    with no rows runs no iteration and stores zeros, so every element is written.
+    It reduces over every block of column block ``c = e * F + f``: block ``r*F + f`` for
+    each block row ``r`` of expert ``e``, whose dense rows are the expert's next ``BLOCK``
+    sorted rows. Both pointers advance affinely (no index loads in the loop, so the
+    pipeliner can prefetch), and the dense rows past the expert's end are masked. An
+    expert with no rows runs no iteration and stores zeros, so every element is written.
     """
     c, pid_n = grouped_tile(tl.program_id(0), C, tl.cdiv(N, BLOCK_N), GROUP)
     e = c // F
@@ -61,24 +61,23 @@ def _dsd_t_kernel(
     offs = tl.arange(0, BLOCK)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    first = tl.load(offsets_t_ptr + c)
-    last = tl.load(offsets_t_ptr + c + 1)
+    r0 = tl.load(expert_block_offsets_ptr + e)
+    r1 = tl.load(expert_block_offsets_ptr + e + 1)
+    rows = tl.load(expert_offsets_ptr + e) + offs
+    row_end = tl.load(expert_offsets_ptr + e + 1)
     acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
-    for j in range(first, last):
-        blk = tl.load(block_offsets_t_ptr + j)
-        r = tl.load(column_indices_t_ptr + j)
-        rows = tl.load(block_row_start_ptr + r) + offs
-        row_mask = rows < tl.load(block_row_end_ptr + r)
-        a = tl.load(data_ptr + blk.to(tl.int64) * (BLOCK * BLOCK) + offs[:, None] * BLOCK + offs[None, :])
-        b = tl.load(
-            b_ptr + rows.to(tl.int64)[:, None] * stride_bm + cols.to(tl.int64)[None, :] * stride_bn,
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
+    a_ptrs = data_ptr + (r0.to(tl.int64) * F + f) * (BLOCK * BLOCK) + offs[:, None] * BLOCK + offs[None, :]
+    b_ptrs = b_ptr + rows.to(tl.int64)[:, None] * stride_bm + cols.to(tl.int64)[None, :] * stride_bn
+    for _ in range(r0, r1):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs, mask=(rows < row_end)[:, None] & col_mask[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+        a_ptrs += F * (BLOCK * BLOCK)
+        b_ptrs += BLOCK * stride_bm
+        rows += BLOCK
     kk = f * BLOCK + offs
     out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + kk.to(tl.int64)[:, None] * stride_ok + cols.to(tl.int64)[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(kk < K)[:, None] & col_mask[None, :])
@@ -108,7 +107,7 @@ def dsd_t(data: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | None = 
     grid = lambda meta: (E * topo.ffn_blocks * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _dsd_t_kernel[grid](
         data, b, out,
-        topo.offsets_t, topo.column_indices_t, topo.block_offsets_t, topo.block_row_start, topo.block_row_end,
+        topo.expert_offsets, topo.expert_block_offsets,
         E * topo.ffn_blocks, K, N, topo.ffn_blocks,
         b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         BLOCK=topo.block_size, UPCAST=needs_upcast(data.dtype), PRECISION=dot_precision(data.dtype), GROUP=GROUP,
