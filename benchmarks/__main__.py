@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     budget = common.Budget(args.budget_s)
     out_dir = Path(args.out) if args.out else common.RESULTS_DIR
     settings_rec = {"routings": routings, "grid": args.grid, "filter": args.filter, "only": args.only,
-                    "skip": list(skip), "part": common.part_name(args.only, args.filter)}  # fmt: skip
+                    "skip": list(skip), "part": common.part_name(args.only, args.filter, routings)}  # fmt: skip
     path = common.results_path(out_dir, env, args.suite, started, settings_rec["part"])
     done: dict = {"kernels": [], "layers": []}
 

@@ -338,9 +338,12 @@ class Budget:
         return False
 
 
-def part_name(only: str | None, name_filter: str) -> str:
-    """What part of a suite a run covers: ``""`` for all of it, else e.g. ``kernels`` or ``layers-mixtral``."""
+def part_name(only: str | None, name_filter: str, routings: list | None = None) -> str:
+    """What part of a suite a run covers: ``""`` for all of it, else e.g. ``kernels``,
+    ``layers-mixtral`` or ``kernels-skewed`` (a run of one routing only)."""
     bits = [only or ""] + ([re.sub(r"[^A-Za-z0-9.]+", "-", name_filter).strip("-")] if name_filter else [])
+    if routings is not None and sorted(routings) != ["skewed", "uniform"]:
+        bits += sorted(routings)
     return "-".join(b for b in bits if b)
 
 
