@@ -199,7 +199,7 @@ class Topology:
         )
 
 
-def build_topology(plan: RoutingPlan, ffn_size: int, block_size: int) -> Topology:
+def build_topology(plan: RoutingPlan, ffn_size: int, block_size: int, backend: str = "auto") -> Topology:
     """Build the topology for ``plan`` on its device, without any host read.
 
     Args:
@@ -207,6 +207,9 @@ def build_topology(plan: RoutingPlan, ffn_size: int, block_size: int) -> Topolog
         ffn_size: columns of one expert's intermediate (need not be a multiple of
             ``block_size``; the last column block is masked).
         block_size: one of ``SUPPORTED_BLOCK_SIZES``.
+        backend: ``"triton"`` builds every array in two kernel launches
+            (``kernels/topology.py``); ``"torch"`` with the ops below (the reference,
+            about 70 small ops); ``"auto"`` picks triton on CUDA, torch elsewhere.
     """
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
@@ -219,6 +222,40 @@ def build_topology(plan: RoutingPlan, ffn_size: int, block_size: int) -> Topolog
     R = max_block_rows(S, E, b)
     if (R + 1) * F >= 2**31 or E * F >= 2**31:
         raise ValueError(f"topology of {R} block rows x {F} column blocks exceeds int32 block indices")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be one of ('auto', 'triton', 'torch'), got {backend!r}")
+    if backend == "triton" or (backend == "auto" and plan.device.type == "cuda"):
+        arrays = dict(zip(_ARRAYS, _topology_op(plan.expert_offsets, S, F, R, b)))
+    else:
+        arrays = _topology_arrays_torch(plan, F, R, b)
+    return Topology(block_size=b, num_experts=E, ffn_size=ffn_size, num_slots=S, expert_offsets=plan.expert_offsets,
+                    **arrays)  # fmt: skip
+
+
+# The arrays a topology derives from the expert offsets, in the custom op's output order.
+_ARRAYS = ("expert_block_offsets", "block_row_expert", "block_row_start", "block_row_end", "offsets",
+           "row_indices", "column_indices", "offsets_t", "column_indices_t", "block_offsets_t")  # fmt: skip
+
+
+@torch.library.custom_op("blocksparse_moe::topology_arrays", mutates_args=())
+def _topology_op(expert_offsets: torch.Tensor, num_slots: int, ffn_blocks: int, max_rows: int,
+                 block_size: int) -> list[torch.Tensor]:  # fmt: skip
+    from . import kernels as K
+
+    out = K.topology_arrays(expert_offsets, num_slots, ffn_blocks, max_rows, block_size)
+    return [out[name] for name in _ARRAYS]
+
+
+@_topology_op.register_fake
+def _(expert_offsets, num_slots, ffn_blocks, max_rows, block_size):
+    E, R, F = expert_offsets.shape[0] - 1, max_rows, ffn_blocks
+    sizes = (E + 1, R, R, R, R + 1, R * F, R * F, E * F + 1, R * F, R * F)
+    return [expert_offsets.new_empty(n, dtype=torch.int32) for n in sizes]
+
+
+def _topology_arrays_torch(plan: RoutingPlan, F: int, R: int, b: int) -> dict[str, torch.Tensor]:
+    """The reference construction with torch ops (the CPU path); returns the arrays by name."""
+    E, S = plan.num_experts, plan.num_slots
     dev = plan.device
     i32 = dict(device=dev, dtype=torch.int32)
 
@@ -256,20 +293,15 @@ def build_topology(plan: RoutingPlan, ffn_size: int, block_size: int) -> Topolog
     column_indices_t = torch.where(active_t, t_row, row_indices)
     block_offsets_t = torch.where(active_t, t_row * F + tf, blk)
 
-    return Topology(
-        block_size=b,
-        num_experts=E,
-        ffn_size=ffn_size,
-        num_slots=S,
-        expert_offsets=plan.expert_offsets,
-        expert_block_offsets=expert_block_offsets,
-        block_row_expert=expert,
-        block_row_start=block_row_start.to(torch.int32),
-        block_row_end=block_row_end.to(torch.int32),
-        row_indices=row_indices,
-        column_indices=column_indices,
-        offsets=offsets.to(torch.int32),
-        offsets_t=offsets_t.to(torch.int32),
-        column_indices_t=column_indices_t.to(torch.int32),
-        block_offsets_t=block_offsets_t.to(torch.int32),
-    )
+    return {
+        "expert_block_offsets": expert_block_offsets,
+        "block_row_expert": expert,
+        "block_row_start": block_row_start.to(torch.int32),
+        "block_row_end": block_row_end.to(torch.int32),
+        "offsets": offsets.to(torch.int32),
+        "row_indices": row_indices,
+        "column_indices": column_indices,
+        "offsets_t": offsets_t.to(torch.int32),
+        "column_indices_t": column_indices_t.to(torch.int32),
+        "block_offsets_t": block_offsets_t.to(torch.int32),
+    }

@@ -84,3 +84,49 @@ def test_to_stk_dense_equals_ours(case):
         lo, hi = int(off_t[c]), int(off_t[c + 1])
         assert torch.equal(blk_t[lo:hi].long().sort().values, m.block_offsets_t[lo:hi].long().sort().values)
     assert torch.equal(m.column_indices_t.long(), m.row_indices.long()[m.block_offsets_t.long()])
+
+
+@st.composite
+def routing_cases(draw):
+    E = draw(st.sampled_from([1, 2, 3, 5, 7, 11, 16, 64]))
+    k = draw(st.integers(1, min(E, 4)))
+    T = draw(st.integers(0, 200))
+    mode = draw(st.sampled_from(["uniform", "one", "skewed"]))
+    ids = make_expert_ids(T, E, k, mode, seed=draw(st.integers(0, 2**16)))
+    return plan_routing(ids, E), draw(st.integers(1, 300)), draw(st.sampled_from([16, 32, 64, 128]))
+
+
+@given(routing_cases())
+def test_triton_topology_equals_torch(case):
+    """The two-launch Triton construction writes every array exactly as the torch reference."""
+    plan, ffn, bs = case
+    ref = build_topology(plan, ffn, bs, backend="torch")
+    got = build_topology(plan, ffn, bs, backend="triton")
+    for name in ref._TENSOR_FIELDS:
+        a, e = getattr(got, name), getattr(ref, name)
+        assert a.dtype == torch.int32 and a.shape == e.shape, f"{name}: {a.dtype} {tuple(a.shape)} vs {tuple(e.shape)}"
+        assert torch.equal(a, e.to(torch.int32)), f"{name}: first difference at {int((a != e).nonzero()[0])}"
+
+
+@pytest.mark.parametrize(
+    "ids, E",
+    [
+        (torch.zeros(0, 1, dtype=torch.long), 3),  # no tokens
+        (torch.tensor([[0]]), 1),  # one token, one expert
+        (torch.tensor([[2, 0, 1]] * 5), 3),  # k = E
+        (torch.full((130, 1), 4), 5),  # every token on one expert; the others empty
+    ],
+)
+def test_triton_topology_edge_cases(ids, E):
+    plan = plan_routing(ids, E)
+    for bs in (16, 128):
+        ref = build_topology(plan, 40, bs, backend="torch")
+        got = build_topology(plan, 40, bs, backend="triton")
+        for name in ref._TENSOR_FIELDS:
+            assert torch.equal(getattr(got, name), getattr(ref, name).to(torch.int32)), name
+
+
+def test_build_topology_rejects_unknown_backend():
+    plan = plan_routing(torch.tensor([[0]]), 1)
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'cuda'"):
+        build_topology(plan, 8, 16, backend="cuda")
