@@ -224,6 +224,12 @@ def build_topology(plan: RoutingPlan, ffn_size: int, block_size: int, backend: s
         raise ValueError(f"topology of {R} block rows x {F} column blocks exceeds int32 block indices")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'torch'), got {backend!r}")
+    if backend == "triton" and plan.device.type != "cuda":
+        from .kernels.config import interpreting
+
+        if not interpreting():
+            raise ValueError(f"backend='triton' needs the plan on a CUDA device, got {plan.device}; set "
+                             "TRITON_INTERPRET=1 before triton is imported, or use backend='torch'")  # fmt: skip
     if backend == "triton" or (backend == "auto" and plan.device.type == "cuda"):
         arrays = dict(zip(_ARRAYS, _topology_op(plan.expert_offsets, S, F, R, b)))
     else:

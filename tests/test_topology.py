@@ -93,13 +93,14 @@ def routing_cases(draw):
     T = draw(st.integers(0, 200))
     mode = draw(st.sampled_from(["uniform", "one", "skewed"]))
     ids = make_expert_ids(T, E, k, mode, seed=draw(st.integers(0, 2**16)))
-    return plan_routing(ids, E), draw(st.integers(1, 300)), draw(st.sampled_from([16, 32, 64, 128]))
+    return ids, E, draw(st.integers(1, 300)), draw(st.sampled_from([16, 32, 64, 128]))
 
 
-@given(routing_cases())
-def test_triton_topology_equals_torch(case):
+@given(case=routing_cases())
+def test_triton_topology_equals_torch(case, device):
     """The two-launch Triton construction writes every array exactly as the torch reference."""
-    plan, ffn, bs = case
+    ids, E, ffn, bs = case
+    plan = plan_routing(ids.to(device), E)
     ref = build_topology(plan, ffn, bs, backend="torch")
     got = build_topology(plan, ffn, bs, backend="triton")
     for name in ref._TENSOR_FIELDS:
@@ -117,8 +118,8 @@ def test_triton_topology_equals_torch(case):
         (torch.full((130, 1), 4), 5),  # every token on one expert; the others empty
     ],
 )
-def test_triton_topology_edge_cases(ids, E):
-    plan = plan_routing(ids, E)
+def test_triton_topology_edge_cases(ids, E, device):
+    plan = plan_routing(ids.to(device), E)
     for bs in (16, 128):
         ref = build_topology(plan, 40, bs, backend="torch")
         got = build_topology(plan, 40, bs, backend="triton")
@@ -130,3 +131,10 @@ def test_build_topology_rejects_unknown_backend():
     plan = plan_routing(torch.tensor([[0]]), 1)
     with pytest.raises(ValueError, match=r"backend must be one of .* got 'cuda'"):
         build_topology(plan, 8, 16, backend="cuda")
+
+
+def test_triton_topology_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    plan = plan_routing(torch.tensor([[0]]), 1)
+    with pytest.raises(ValueError, match=r"backend='triton' needs the plan on a CUDA device, got cpu"):
+        build_topology(plan, 8, 16, backend="triton")
