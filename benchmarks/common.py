@@ -338,6 +338,25 @@ class Budget:
         return False
 
 
+def run_grid(shapes, routings, seed: int, device, run_one, budget=None, on_record=None) -> list[dict]:
+    """``run_one(shape, routing, seed)`` -> its records, for every (shape, routing) in turn.
+
+    ``budget`` (a :class:`Budget`) stops starting new ones once spent; ``on_record(records)``
+    is called after each, so a run killed at its time limit keeps what it measured.
+    """
+    records: list[dict] = []
+    for si, shape in enumerate(shapes):
+        for ri, routing in enumerate(routings):
+            if budget is not None and budget.spent(f"{shape.name} {routing}"):
+                continue
+            records += run_one(shape, routing, seed + 100 * si + ri)
+            if on_record is not None:
+                on_record(records)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return records
+
+
 def part_name(only: str | None, name_filter: str, routings: list | None = None) -> str:
     """What part of a suite a run covers: ``""`` for all of it, else e.g. ``kernels``,
     ``layers-mixtral`` or ``kernels-skewed`` (a run of one routing only)."""

@@ -41,7 +41,7 @@ from blocksparse_moe import kernels as K
 from blocksparse_moe.kernels.config import interpreting
 from blocksparse_moe.reference import dsd_t_torch, dsd_torch, sdd_torch
 
-from .common import Rotation, Timer, check_close, l2_bytes, ref_dtype, short_error, sync, tensor_bytes
+from .common import Rotation, Timer, check_close, l2_bytes, ref_dtype, run_grid, short_error, sync, tensor_bytes
 from .shapes import KernelShape, load_stats, make_expert_ids
 
 IMPLS = ("bsmoe_triton", "bsmoe_torch", "dense", "grouped_mm", "stk")
@@ -379,16 +379,9 @@ def count_steps(shapes, routings, impls, skip: tuple = ()) -> int:
 
 def run_all(shapes, routings, device, dtype, timer, env, progress=None, seed: int = 1234, skip: tuple = (),
             budget=None, on_record=None) -> list[dict]:  # fmt: skip
-    """Every (shape, routing) in turn. ``budget`` (a :class:`common.Budget`) stops starting new
-    ones once spent; ``on_record(records)`` is called after each, so a killed run keeps its results."""
-    records = []
-    for si, shape in enumerate(shapes):
-        for ri, routing in enumerate(routings):
-            if budget is not None and budget.spent(f"{shape.name} {routing}"):
-                continue
-            records += run_config(shape, routing, seed + 100 * si + ri, device, dtype, timer, env, progress, skip)
-            if on_record is not None:
-                on_record(records)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return records
+    """Every (shape, routing) in turn (see :func:`common.run_grid` for ``budget`` and ``on_record``)."""
+
+    def run_one(shape, routing, sd):
+        return run_config(shape, routing, sd, device, dtype, timer, env, progress, skip)
+
+    return run_grid(shapes, routings, seed, device, run_one, budget, on_record)

@@ -34,7 +34,7 @@ from torch import nn
 from blocksparse_moe import MoE, MoEConfig, build_topology, dMoE, ops, plan_routing
 from blocksparse_moe.reference import combine_torch, gather_torch, moe_ffn_dense
 
-from .common import Rotation, Timer, check_close, l2_bytes, ref_dtype, short_error, sync, tensor_bytes
+from .common import Rotation, Timer, check_close, l2_bytes, ref_dtype, run_grid, short_error, sync, tensor_bytes
 from .shapes import LayerShape, layer_inputs, load_stats
 
 CAPACITY_FACTORS = (1.0, 1.25, 2.0)
@@ -286,16 +286,9 @@ def count_steps(shapes, routings, skip: tuple = ()) -> int:
 
 def run_all(shapes, routings, device, dtype, timer, env, progress=None, seed: int = 4321, skip: tuple = (),
             budget=None, on_record=None) -> list[dict]:  # fmt: skip
-    """Every (shape, routing) in turn. ``budget`` (a :class:`common.Budget`) stops starting new
-    ones once spent; ``on_record(records)`` is called after each, so a killed run keeps its results."""
-    records = []
-    for si, shape in enumerate(shapes):
-        for ri, routing in enumerate(routings):
-            if budget is not None and budget.spent(f"{shape.name} {routing}"):
-                continue
-            records.append(run_config(shape, routing, seed + 100 * si + ri, device, dtype, timer, env, progress, skip))
-            if on_record is not None:
-                on_record(records)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return records
+    """Every (shape, routing) in turn (see :func:`common.run_grid` for ``budget`` and ``on_record``)."""
+
+    def run_one(shape, routing, sd):
+        return [run_config(shape, routing, sd, device, dtype, timer, env, progress, skip)]
+
+    return run_grid(shapes, routings, seed, device, run_one, budget, on_record)
