@@ -1,9 +1,10 @@
 """Expert parallelism on CPU (gloo): the sharded layer equals one process holding every expert.
 
-Each world size is one launch of worker processes (tests/parallel_workers.py) that
-runs every scenario in turn; each test below checks one scenario's per-rank report.
-In a scenario every rank builds the same full dMoE, computes the single-process
-reference on the concatenation of all ranks' tokens, and compares, in fp32:
+Each world size is one launch of worker processes (tests/parallel_harness.py) that
+runs every scenario (tests/parallel_scenarios.py) in turn; each test below checks
+one scenario's per-rank report. In a scenario every rank builds the same full dMoE,
+computes the single-process reference on the concatenation of all ranks' tokens,
+and compares, in fp32:
 
 * its output rows and input gradient with the reference's rows for its tokens;
 * the router gradient, summed over ranks (``sync_router_grad``), with the reference's;
@@ -22,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import parallel_workers as pw
+import parallel_harness as harness
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -49,12 +50,12 @@ FOUR = COMMON
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    return pw.launch(2, TWO, timeout=120, pg_timeout=30)
+    return harness.launch(2, TWO, timeout=120, pg_timeout=30)
 
 
 @pytest.fixture(scope="module")
 def four_ranks():
-    return pw.launch(4, FOUR, timeout=150, pg_timeout=30)
+    return harness.launch(4, FOUR, timeout=150, pg_timeout=30)
 
 
 def _consistent_traffic(per_rank):
@@ -94,10 +95,10 @@ def test_premises(request, fixture):
 def test_harness_counts_a_teardown_abort_as_a_pass():
     """A rank that reported everything then died in teardown (SIGABRT) passes with a warning."""
     done = {"finished": True, "scenarios": {"s": {"status": "ok"}}}
-    launch = pw.Launch(2, [done, done], exitcodes=[0, -6], killed=[False, False], seconds=0.0)
+    launch = harness.Launch(2, [done, done], exitcodes=[0, -6], killed=[False, False], seconds=0.0)
     with pytest.warns(RuntimeWarning, match="teardown abort"):
         launch.check("s")
-    hung = pw.Launch(2, [done, {"scenarios": {}}], exitcodes=[0, -9], killed=[False, True], seconds=0.0)
+    hung = harness.Launch(2, [done, {"scenarios": {}}], exitcodes=[0, -9], killed=[False, True], seconds=0.0)
     with pytest.raises(AssertionError, match="did not report"):
         hung.check("s")
 

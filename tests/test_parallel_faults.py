@@ -9,6 +9,8 @@
   one) raises CollectiveError naming the layer and the collective.
 * A rank that dies makes the others' next collective fail (gloo sees the closed
   connection at once; a silent peer would hit the timeout), naming the layer.
+
+The scenarios are in tests/parallel_fault_scenarios.py, launched by tests/parallel_harness.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-import parallel_workers as pw
+import parallel_harness as harness
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -29,12 +31,12 @@ TIMEOUTS = ["group_timeout", "layer_timeout"]  # last: they leave their groups u
 
 @pytest.fixture(scope="module")
 def faults():
-    return pw.launch(2, CONFIG + BAD_INPUT + TIMEOUTS, timeout=90, pg_timeout=20)
+    return harness.launch(2, CONFIG + BAD_INPUT + TIMEOUTS, timeout=90, pg_timeout=20)
 
 
 @pytest.fixture(scope="module")
 def death():
-    return pw.launch(3, ["dead_rank"], timeout=60, pg_timeout=10)
+    return harness.launch(3, ["dead_rank"], timeout=60, pg_timeout=10)
 
 
 @pytest.mark.parametrize("name", CONFIG)
