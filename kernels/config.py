@@ -51,6 +51,10 @@ _SDD_BLOCK_K = {2: (32, 64, 128), 4: (16, 32, 64, 128)}
 _DSD_BLOCK_N = {2: (64, 128, 256), 4: (16, 32, 64, 128, 256)}
 _WARPS = {2: (4, 8), 4: (4, 8, 16)}
 _SDD_STAGES = (2, 3, 4)
+# SDD tiles of one or two neighbouring blocks (BLOCK x 2*BLOCK: the 128 x 256 tile that
+# Hopper GEMMs favour). Two only for blocks of 64 and up: smaller tiles are latency-bound
+# and would only add autotuning.
+_SDD_BLOCKS_N = {16: (1,), 32: (1,), 64: (1, 2), 128: (1, 2)}
 # The DSD kernels walk their operands with affine pointers (an active block row holds
 # all F column blocks of its expert in order), so deeper pipelines can prefetch.
 _DSD_STAGES = (2, 3, 4)
@@ -125,15 +129,18 @@ def sdd_configs(block: int | None = None, elem_bytes: int = 2) -> list[triton.Co
     which ``prune_by_block`` narrows to ``sdd_configs(BLOCK, element size)`` per launch.
     """
     if interpreting():
-        return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_K": 32, "BLOCKS_N": 1}, num_warps=4, num_stages=1)]
     if block is None:
         return _union(sdd_configs)
     eb = 4 if elem_bytes >= 4 else 2
     out = []
-    for block_k, warps, stages in itertools.product(_SDD_BLOCK_K[eb], _WARPS[eb], _SDD_STAGES):
-        if _registers_fit(block, block, block_k, warps, eb) and _fits(block, block, block_k, stages, elem_bytes):
-            out.append(triton.Config({"BLOCK_K": block_k}, num_warps=warps, num_stages=stages))
-    return out if autotuning() else _default(out, BLOCK_K=64, num_stages=3, num_warps=4)
+    for blocks_n, block_k, warps, stages in itertools.product(
+        _SDD_BLOCKS_N[block], _SDD_BLOCK_K[eb], _WARPS[eb], _SDD_STAGES
+    ):
+        n = blocks_n * block
+        if _registers_fit(block, n, block_k, warps, eb) and _fits(block, n, block_k, stages, elem_bytes):
+            out.append(triton.Config({"BLOCK_K": block_k, "BLOCKS_N": blocks_n}, num_warps=warps, num_stages=stages))
+    return out if autotuning() else _default(out, BLOCKS_N=1, BLOCK_K=64, num_stages=3, num_warps=4)
 
 
 def dsd_configs(block: int | None = None, elem_bytes: int = 2) -> list[triton.Config]:

@@ -27,7 +27,6 @@ def _sdd_kernel(
     a_ptr,  # [S, K] sorted rows, strides (stride_am, stride_ak)
     b_ptr,  # [E, K, N] per-expert dense, strides (stride_be, stride_bk, stride_bn)
     out_ptr,  # [capacity, BLOCK, BLOCK] block data, contiguous
-    row_indices_ptr,  # [capacity] int32: block -> block row
     column_indices_ptr,  # [capacity] int32: block -> global column block e * F + f
     block_row_start_ptr,  # [R] int32: block row -> first sorted position
     block_row_end_ptr,  # [R] int32: block row -> end of its expert's rows (exclusive)
@@ -43,32 +42,37 @@ def _sdd_kernel(
     stride_bn,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCKS_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    """Grid ``(capacity,)`` = ``(R * F,)``: each program computes one block over the whole K.
+    """Grid ``(R * cdiv(F, BLOCKS_N),)``: each program computes ``BLOCKS_N`` adjacent blocks of
+    one block row over the whole K, as one ``BLOCK x BLOCKS_N*BLOCK`` tile.
 
-    Programs visit blocks in grouped order (``tiling.grouped_tile``): ``GROUP`` block
-    rows, then the next column block, so an expert's weight panel is reused from L2.
+    The blocks of block row ``r`` are ``r*F .. r*F+F-1``, all of one expert and in
+    column order, so a tile of neighbours is one expert's weight panel (a wider tile
+    reuses each row of ``a`` for more columns). Programs visit tiles in grouped order
+    (``tiling.grouped_tile``): ``GROUP`` block rows, then the next tile, so an
+    expert's weight panel is reused from L2.
 
     An active block's rows past its block row's end (index-space padding) and its
-    columns past ``N`` are loaded as zeros, so they come out zero. A spare block
-    (``i >= offsets[R]``) skips the K loop and stores zeros.
+    columns past ``N`` are loaded as zeros, so they come out zero. A spare block row
+    (``r*F >= offsets[R]``) skips the K loop and stores zeros. Blocks past ``F`` in the
+    row's last tile are not stored.
     """
-    r, f = grouped_tile(tl.program_id(0), R, F, GROUP)
-    pid = r * F + f  # the block this program computes (blocks of row r are r*F .. r*F+F-1)
+    r, tile = grouped_tile(tl.program_id(0), R, tl.cdiv(F, BLOCKS_N), GROUP)
+    f0 = tile * BLOCKS_N
+    first = r * F + f0  # the tile's first block
     offs = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCKS_N * BLOCK)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    if pid < tl.load(offsets_ptr + R):
-        r = tl.load(row_indices_ptr + pid)
-        c = tl.load(column_indices_ptr + pid)
-        e = c // F
-        f = c % F
+    acc = tl.zeros((BLOCK, BLOCKS_N * BLOCK), dtype=tl.float32)
+    if first < tl.load(offsets_ptr + R):  # an active block row: all of its blocks are active
+        e = tl.load(column_indices_ptr + first) // F
         rows = tl.load(block_row_start_ptr + r) + offs
         row_mask = rows < tl.load(block_row_end_ptr + r)
-        cols = f * BLOCK + offs
+        cols = f0 * BLOCK + offs_n
         col_mask = cols < N
         a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = (
@@ -87,8 +91,10 @@ def _sdd_kernel(
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-    out_ptrs = out_ptr + pid.to(tl.int64) * (BLOCK * BLOCK) + offs[:, None] * BLOCK + offs[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
+    # Column j of the tile is column j % BLOCK of block first + j // BLOCK.
+    blk = first + offs_n // BLOCK
+    out_ptrs = out_ptr + blk.to(tl.int64)[None, :] * (BLOCK * BLOCK) + offs[:, None] * BLOCK + (offs_n % BLOCK)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(f0 + offs_n // BLOCK < F)[None, :])
 
 
 def sdd(a: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,9 +117,10 @@ def sdd(a: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | None = None)
         raise ValueError(f"sdd: out must be a contiguous {a.dtype} tensor of shape {(topo.capacity, bs, bs)}")
     if topo.capacity == 0:
         return out
-    _sdd_kernel[(topo.capacity,)](
+    grid = lambda meta: (topo.max_block_rows * triton.cdiv(topo.ffn_blocks, meta["BLOCKS_N"]),)  # noqa: E731
+    _sdd_kernel[grid](
         a, b, out,
-        topo.row_indices, topo.column_indices, topo.block_row_start, topo.block_row_end, topo.offsets,
+        topo.column_indices, topo.block_row_start, topo.block_row_end, topo.offsets,
         topo.max_block_rows, K, N, topo.ffn_blocks,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         BLOCK=bs, UPCAST=needs_upcast(a.dtype), PRECISION=dot_precision(a.dtype), GROUP=GROUP,

@@ -43,6 +43,27 @@ def test_sdd_matches_reference(device, dtype, bs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sdd_two_block_tile_matches_reference(device, dtype, monkeypatch):
+    """The two-block tile (``BLOCKS_N=2``, an autotune choice on GPUs), forced for one launch.
+
+    ffn 72 at block 16 is F = 5 column blocks: every row's last tile holds one block
+    (the second is not stored) and that block is half past N (masked columns).
+    """
+    import sys
+
+    import triton
+
+    kernel = sys.modules["blocksparse_moe.kernels.sdd"]._sdd_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_K": 32, "BLOCKS_N": 2}, num_warps=4, num_stages=2)])
+    monkeypatch.setattr(kernel, "cache", {})
+    plan, topo, rnd = _case(device, bs=16, dtype=dtype)
+    assert topo.ffn_blocks % 2 == 1
+    a, w = rnd(plan.num_slots, 40), rnd(5, 40, 72)
+    out = K.sdd(a, w, topo, out=_poisoned_blocks(topo, dtype, device))
+    assert_close(out, ref.sdd_torch(a.double(), w.double(), topo), **TOLERANCES[dtype], name=f"sdd two-block {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bs", [16, 32, 64])
 def test_dsd_matches_reference(device, dtype, bs):
     plan, topo, rnd = _case(device, bs=bs, dtype=dtype)
