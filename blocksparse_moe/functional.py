@@ -18,12 +18,14 @@ from typing import Callable
 import torch
 
 from . import ops
-from .reference import get_activation
+from .backends.block import block_ffn
+from .backends.grouped import grouped_ffn, grouped_ffn_composed
+from .reference import activation_name, get_activation
 from .routing import RoutingPlan, plan_routing
-from .topology import SUPPORTED_BLOCK_SIZES, Topology, build_topology
+from .topology import SUPPORTED_BLOCK_SIZES, Topology
 from .kernels.checks import FLOAT_DTYPES
 
-__all__ = ["moe_ffn", "expert_ffn", "check_ffn_args"]
+__all__ = ["moe_ffn", "routed_ffn", "expert_ffn", "check_ffn_args"]
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -68,6 +70,52 @@ def check_ffn_args(x, expert_ids, weights, w1, w2, v1=None, block_size: int = 64
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
 
 
+def routed_ffn(
+    x: torch.Tensor,
+    plan: RoutingPlan,
+    weights: torch.Tensor | None,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    v1: torch.Tensor | None = None,
+    activation: str | Callable = "gelu",
+    *,
+    backend: str = "auto",
+    block_size: int = 64,
+    recompute: bool = False,
+    padded: bool = False,
+    fused_gate_up: tuple[torch.Tensor, str] | None = None,
+) -> torch.Tensor:
+    """Every expert's FFN over a routing plan, on the backend chosen once here; ``weights=None``: unweighted.
+
+    The one entry point of the layers (dMoE, the expert-parallel layer's local experts,
+    the transformers integration): ``backend`` is resolved for this device, dtype and
+    shape (:mod:`blocksparse_moe.backends.select`), then one sibling computes:
+
+    * ``grouped``: grouped GEMMs over the sorted rows (:mod:`~blocksparse_moe.backends.grouped`);
+      ``fused_gate_up=(w13, "concat" | "interleave")`` hands it a model's fused
+      ``[E, H, 2F]`` gate/up tensor whole (``w1``/``v1`` are then its halves, for the
+      other backends). It always recomputes the activation in backward.
+    * ``triton`` / ``torch``: the block-sparse layout (:mod:`~blocksparse_moe.backends.block`),
+      with ``block_size`` and ``recompute`` (keep only the pre-activations).
+
+    ``padded``: rows past ``plan.expert_offsets[-1]`` belong to no expert (the
+    expert-parallel capacity mode) and contribute zero.
+    """
+    backend = ops.resolve_backend(backend, x.device, x.dtype, plan.num_experts, w1.shape[2])
+    if backend != "grouped":
+        act = get_activation(activation)
+        return block_ffn(x, plan, weights, w1, w2, v1, act, backend=backend, block_size=block_size,
+                         recompute=recompute, padded=padded)  # fmt: skip
+    name = activation_name(activation)
+    if name is None:  # a callable of the user's: differentiable products, the activation in torch
+        act = get_activation(activation)
+        return grouped_ffn_composed(x, plan, weights, w1, w2, v1, activation=act, padded=padded)
+    if fused_gate_up is not None:
+        w13, layout = fused_gate_up
+        return grouped_ffn(x, plan, weights, w13, w2, activation=name, layout=layout, padded=padded)
+    return grouped_ffn(x, plan, weights, w1, w2, v1, activation=name, padded=padded)
+
+
 def expert_ffn(
     x: torch.Tensor,
     plan: RoutingPlan,
@@ -79,14 +127,13 @@ def expert_ffn(
     activation: str | Callable = "gelu",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The FFN of every expert over a routing plan and topology built once by the caller."""
-    act = get_activation(activation)
-    xs = ops.gather(x, plan, backend)
-    h = act(ops.sdd(xs, w1, topo, backend))
-    if v1 is not None:
-        h = h * ops.sdd(xs, v1, topo, backend)
-    ys = ops.dsd(h, w2, topo, backend)
-    return ops.combine(ys, plan, weights, backend)
+    """The block-sparse FFN of every expert over a routing plan and topology built once by the caller.
+
+    A block backend only (``triton``, ``torch``; ``"auto"`` is Triton on CUDA, torch
+    elsewhere): the topology is its metadata. :func:`routed_ffn` picks any backend.
+    """
+    backend = ops.resolve_block_backend(backend, x.device)
+    return block_ffn(x, plan, weights, w1, w2, v1, get_activation(activation), backend=backend, topo=topo)
 
 
 def moe_ffn(
@@ -104,13 +151,14 @@ def moe_ffn(
     """Dropless MoE FFN: ``x [T, H]``, ``expert_ids [T, k]`` (integers), ``weights [T, k]``,
     ``w1 [E, H, ffn]``, ``w2 [E, ffn, H]``, optional ``v1 [E, H, ffn]`` -> ``[T, H]``.
 
-    Differentiable in ``x``, ``weights``, ``w1``, ``w2`` and ``v1``. No host sync on
-    CUDA with the Triton backend (the torch backend reads counts back; see
-    :mod:`blocksparse_moe.reference`).
+    Differentiable in ``x``, ``weights``, ``w1``, ``w2`` and ``v1``. ``backend``:
+    ``"auto"`` (grouped GEMMs on CPU, Triton or grouped on CUDA by measured shape),
+    ``"grouped"``, ``"triton"`` or ``"torch"`` (see :mod:`blocksparse_moe.backends.select`).
+    No host sync on CUDA with the Triton backend (the torch backend reads counts back;
+    see :mod:`blocksparse_moe.reference`).
     """
     check_ffn_args(x, expert_ids, weights, w1, w2, v1, block_size)
-    backend = ops.resolve_backend(backend, x.device)
-    get_activation(activation)  # reject a bad name before any work
+    ops.resolve_backend(backend, x.device)  # reject a bad name before any work
+    get_activation(activation)
     plan = plan_routing(expert_ids, w1.shape[0])
-    topo = build_topology(plan, w1.shape[2], block_size)
-    return expert_ffn(x, plan, topo, weights, w1, w2, v1, activation, backend)
+    return routed_ffn(x, plan, weights, w1, w2, v1, activation, backend=backend, block_size=block_size)

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import ops
+from .backends.block import _ActThenDown  # noqa: F401 - kept importable from here (it lived here)
 from .config import MoEConfig
-from .functional import expert_ffn
+from .functional import routed_ffn
 from .reference import get_activation
 from .router import Router, RouterOutput
 from .routing import RoutingPlan, plan_routing
-from .topology import Topology, build_topology
 
 __all__ = ["MoEAux", "dMoE", "MoE"]
 
@@ -161,10 +160,11 @@ class dMoE(_MoEBase):  # noqa: N801 - the name MegaBlocks gave it
 
     def _experts(self, x, route, plan):
         cfg = self.config
-        backend = ops.resolve_backend(cfg.backend, x.device)
-        topo = build_topology(plan, cfg.ffn_hidden_size, cfg.block_size)
-        args = (x, plan, topo, route.weights, self.w1, self.w2, self.v1, self.activation, backend)
-        out = _expert_ffn_recompute(*args) if cfg.recompute_activation else expert_ffn(*args)
+        # cfg.activation, not self.activation: a name lets the grouped backend fuse it.
+        out = routed_ffn(
+            x, plan, route.weights, self.w1, self.w2, self.v1, cfg.activation,
+            backend=cfg.backend, block_size=cfg.block_size, recompute=cfg.recompute_activation,
+        )  # fmt: skip
         # A tensor, not an int: the aux fields have one type in both layers, and
         # building it costs no host read.
         return out, torch.zeros((), dtype=torch.int64, device=x.device)
@@ -207,76 +207,3 @@ class MoE(_MoEBase):
         acc = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows  # as combine_torch
         out = (acc * w.to(acc.dtype)[..., None]).sum(1).to(x.dtype)
         return out, (~keep).sum()
-
-
-# --------------------------------------------------------------------------- recompute
-class _ActThenDown(torch.autograd.Function):
-    """``y = dsd(act(h1) [* h3], w2)`` that keeps ``h1`` (and ``h3``) but not the activation.
-
-    Without it, backward keeps the pre-activation ``h1`` (for ``act``'s gradient)
-    *and* the activated ``h`` (for ``dsd``'s weight gradient), plus ``act(h1)`` and
-    ``h3`` for the GLU product: 2 (MLP) or 4 (GLU) intermediates of the sparse size.
-    This node keeps 1 or 2 and recomputes the elementwise part in backward; the
-    matmuls are not redone (a checkpoint of the whole segment would redo ``dsd``).
-    MegaBlocks' memory-optimized MLP does the same, but this one skips the gradients
-    nobody asked for, so frozen ``w1``/``w2``/``v1`` work.
-    """
-
-    @staticmethod
-    def forward(ctx, h1, h3, w2, act, topo: Topology, backend: str):
-        h = act(h1) if h3 is None else act(h1) * h3
-        y = ops.dsd(h, w2, topo, backend)
-        ctx.save_for_backward(h1, h3, w2, *topo.tensors())
-        ctx.act, ctx.sizes, ctx.backend = act, topo.sizes(), backend
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        h1, h3, w2, *topo_tensors = ctx.saved_tensors
-        topo = Topology.from_parts(ctx.sizes, topo_tensors)
-        need_h1, need_h3, need_w2 = ctx.needs_input_grad[:3]
-        grad = grad.contiguous()
-        with torch.enable_grad():
-            a = h1.detach().requires_grad_(need_h1)
-            r = ctx.act(a)
-        # The GLU product is formed outside the graph and only for dw2, then freed
-        # before dh is allocated: keeps backward's peak near that of the plain layer.
-        d_w2 = None
-        if need_w2:
-            h = r.detach() if h3 is None else r.detach() * h3
-            d_w2 = _down_weight_grad(h, grad, topo, ctx.backend)
-            del h
-        d_h1 = d_h3 = None
-        if need_h1 or need_h3:
-            d_h = _down_input_grad(grad, w2, topo, ctx.backend)
-            if h3 is not None:
-                d_h3 = d_h * r.detach() if need_h3 else None
-                d_h = d_h.mul_(h3)  # now d(act(h1)); d_h is ours, fresh from sdd
-            if need_h1:
-                # an activation that ignores its input (a constant) leaves no graph
-                d_h1 = torch.autograd.grad(r, a, d_h)[0] if r.requires_grad else torch.zeros_like(h1)
-        return d_h1, d_h3, d_w2, None, None, None
-
-
-def _down_input_grad(grad: torch.Tensor, w2: torch.Tensor, topo: Topology, backend: str) -> torch.Tensor:
-    """``dh = sdd(grad, w2^T)``: dsd's input gradient, as ``ops``' own backward computes it."""
-    return ops.sdd(grad, w2.transpose(1, 2), topo, backend)
-
-
-def _down_weight_grad(h: torch.Tensor, grad: torch.Tensor, topo: Topology, backend: str) -> torch.Tensor:
-    """``dw2[e] = rows(h of e)^T @ grad[rows of e]``, as ``ops``' own dsd backward computes it."""
-    return ops.dsd_t(h, grad, topo, backend)
-
-
-def _expert_ffn_recompute(x, plan, topo, weights, w1, w2, v1, act, backend) -> torch.Tensor:
-    """:func:`expert_ffn` with the activation and down projection as one :class:`_ActThenDown` node.
-
-    expert_ffn composes ``ops`` calls whose saved tensors cannot be dropped from
-    outside, hence this four-line twin; the ops, and so the numbers, are the same.
-    """
-    xs = ops.gather(x, plan, backend)
-    h1 = ops.sdd(xs, w1, topo, backend)
-    h3 = None if v1 is None else ops.sdd(xs, v1, topo, backend)
-    ys = _ActThenDown.apply(h1, h3, w2, act, topo, backend)
-    return ops.combine(ys, plan, weights, backend)

@@ -3,8 +3,9 @@
 ``backend="triton"`` goes through ``torch.library`` custom ops whose forward and
 backward launch the Triton kernels (``torch.compile`` sees them as single nodes and
 does not break the graph); ``backend="torch"`` uses the pure-torch references of
-:mod:`blocksparse_moe.reference` and ordinary autograd; ``"auto"`` picks Triton for
-CUDA tensors and torch otherwise.
+:mod:`blocksparse_moe.reference` and ordinary autograd; for these block ops ``"auto"``
+picks Triton for CUDA tensors and torch otherwise. (The ``grouped`` backend has no
+block-sparse intermediate: it is a whole FFN, :mod:`blocksparse_moe.backends.grouped`.)
 
 Backward of each op, in the kernels' terms (``g`` the incoming gradient):
 
@@ -26,27 +27,13 @@ import torch
 
 from . import kernels as K
 from . import reference
+from .backends.select import BACKENDS, resolve_backend, resolve_block_backend
 from .routing import RoutingPlan
 from .topology import Topology
 
-__all__ = ["BACKENDS", "resolve_backend", "sdd", "dsd", "dsd_t", "gather", "combine"]
+__all__ = ["BACKENDS", "resolve_backend", "resolve_block_backend", "sdd", "dsd", "dsd_t", "gather", "combine"]
 
-BACKENDS = ("auto", "triton", "torch")
 Tensor = torch.Tensor
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"triton"`` on CUDA, ``"torch"`` elsewhere; checks that Triton can run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not K.config.interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 "
-            "before triton is imported to run the kernels on the CPU interpreter, or use backend='torch'"
-        )
-    return backend
 
 
 # Each kernel is one custom op. Backward formulas call these ops (never the raw
@@ -198,16 +185,21 @@ def _(dy, src, slot_to_sorted, top_k, dtype):
 
 
 # --------------------------------------------------------------------------- public functions
+def _permute_backend(backend: str, device: torch.device) -> str:
+    """gather/combine are plain permutes: under ``grouped`` they are the torch ones (no block layout needed)."""
+    return "torch" if backend == "grouped" else resolve_block_backend(backend, device)
+
+
 def sdd(a: Tensor, b: Tensor, topo: Topology, backend: str = "auto") -> Tensor:
     """``a [S, K] @ b [E, K, ffn]`` sampled at ``topo``'s blocks -> ``[capacity, bs, bs]`` (differentiable)."""
-    if resolve_backend(backend, a.device) == "torch":
+    if resolve_block_backend(backend, a.device) == "torch":
         return reference.sdd_torch(a, b, topo)
     return _sdd_op(a, b, topo.sizes(), topo.tensors())
 
 
 def dsd(data: Tensor, b: Tensor, topo: Topology, backend: str = "auto") -> Tensor:
     """Block data ``[capacity, bs, bs] @ b [E, ffn, N]`` -> sorted rows ``[S, N]`` (differentiable)."""
-    if resolve_backend(backend, data.device) == "torch":
+    if resolve_block_backend(backend, data.device) == "torch":
         return reference.dsd_torch(data, b, topo)
     return _dsd_op(data, b, topo.sizes(), topo.tensors())
 
@@ -217,20 +209,20 @@ def dsd_t(data: Tensor, b: Tensor, topo: Topology, backend: str = "auto") -> Ten
 
     A backward building block (``dw2 = dsd_t(h, dy_sorted)``); not itself differentiable.
     """
-    if resolve_backend(backend, data.device) == "torch":
+    if resolve_block_backend(backend, data.device) == "torch":
         return reference.dsd_t_torch(data, b, topo)
     return _dsd_t_op(data, b, topo.sizes(), topo.tensors())
 
 
 def gather(x: Tensor, plan: RoutingPlan, backend: str = "auto") -> Tensor:
     """Token rows ``x [T, H]`` into expert order ``[S, H]`` (differentiable)."""
-    if resolve_backend(backend, x.device) == "torch":
+    if _permute_backend(backend, x.device) == "torch":
         return reference.gather_torch(x, plan)
     return _gather_op(x, None, plan.sorted_to_slot, plan.slot_to_sorted, plan.top_k)
 
 
 def combine(y_sorted: Tensor, plan: RoutingPlan, weights: Tensor, backend: str = "auto") -> Tensor:
     """``y[t] = sum_j weights[t, j] * y_sorted[slot_to_sorted[t*k + j]]`` (differentiable in both)."""
-    if resolve_backend(backend, y_sorted.device) == "torch":
+    if _permute_backend(backend, y_sorted.device) == "torch":
         return reference.combine_torch(y_sorted, plan, weights)
     return _combine_op(y_sorted, weights, plan.sorted_to_slot, plan.slot_to_sorted, plan.top_k)

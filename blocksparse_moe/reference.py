@@ -22,6 +22,7 @@ from .topology import Topology
 __all__ = [
     "ACTIVATIONS",
     "get_activation",
+    "activation_name",
     "moe_ffn_dense",
     "sdd_torch",
     "dsd_torch",
@@ -48,6 +49,33 @@ def get_activation(activation: str | Callable[[torch.Tensor], torch.Tensor]) -> 
         raise ValueError(
             f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}"
         ) from None
+
+
+def activation_name(activation) -> str | None:
+    """The :data:`ACTIVATIONS` name of ``activation`` (a name, one of its functions, or a module
+
+    that computes exactly it: ``nn.SiLU``, ``nn.ReLU``, ``nn.GELU``, transformers'
+    ``SiLUActivation`` / ``GELUActivation`` / ``GELUTanh``), or ``None`` for anything else.
+    Fused paths that need the activation's derivative in closed form take only these.
+    """
+    if isinstance(activation, str):
+        return activation if activation in ACTIVATIONS else None
+    for name, fn in ACTIVATIONS.items():
+        if activation is fn:
+            return name
+    kind = type(activation).__name__
+    if kind in ("SiLU", "SiLUActivation"):
+        return "silu"
+    if kind == "ReLU" and not getattr(activation, "inplace", False):
+        return "relu"
+    if kind == "GELU":
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(activation, "approximate", None))
+    inner = getattr(activation, "act", None)  # transformers' wrappers hold the torch function
+    if kind == "GELUActivation" and inner is F_.gelu:
+        return "gelu"
+    if kind == "GELUTanh" and getattr(inner, "func", None) is F_.gelu and getattr(inner, "keywords", {}) == {"approximate": "tanh"}:
+        return "gelu_tanh"
+    return None
 
 
 def moe_ffn_dense(

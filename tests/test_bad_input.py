@@ -51,7 +51,7 @@ def call(device=None, **over):
         (dict(expert_ids=torch.zeros(T + 1, KK, dtype=torch.long)), ValueError, r"expert_ids must be \[tokens=6, top_k\]"),
         (dict(block_size=48), ValueError, r"block_size must be one of \(16, 32, 64, 128\), got 48"),
         (dict(block_size=256), ValueError, r"got 256"),
-        (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'grouped', 'triton', 'torch'\), got 'cuda'"),
         (dict(activation="swish"), ValueError, r"activation must be one of .* got 'swish'"),
     ],
 )
@@ -71,7 +71,7 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors, got tensors on cpu"):
         resolve_backend("triton", torch.device("cpu"))
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == "grouped"
 
 
 def _topo():
