@@ -336,3 +336,34 @@ def capacity_overflow_error(rank, W):
         assert "blocks.7.moe" in str(err) and "capacity_per_peer=2" in str(err), str(err)
         return {"message": str(err)}
     raise AssertionError("no CapacityOverflowError")
+
+
+@scenario
+def router_grad_mean(rank, W):
+    """``sync_router_grads(model, op="mean")``: every rank's router gradient is the mean over ranks.
+
+    The reference is the single-process gradient of the sum of the ranks' losses
+    (what ``op="sum"`` gives) divided by the world size; ``op="mean"`` must not return the sum.
+    """
+    import torch
+
+    from blocksparse_moe import MoEConfig, dMoE
+    from blocksparse_moe.parallel import ExpertParallelDMoE, sync_router_grads
+
+    tokens, H = [7, 12, 5, 9][:W], 32
+    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=32, num_experts=2 * W, top_k=2, block_size=16, backend="torch")
+    full = make_full(cfg, seed=5)
+    ref = dMoE(cfg)
+    ref.load_state_dict(full.state_dict())
+    xs, gs = make_inputs(tokens, H), make_inputs(tokens, H, seed=2)
+    (ref(torch.cat(xs)) * torch.cat(gs)).sum().backward()
+    model = torch.nn.ModuleDict({"moe": ExpertParallelDMoE.from_dmoe(full, name="moe")})
+    (model["moe"](xs[rank]) * gs[rank]).sum().backward()
+    own = model["moe"].router.weight.grad.clone()  # this rank's tokens only
+    sync_router_grads(model, op="mean")
+    mean = model["moe"].router.weight.grad
+    compare("router grad, op='mean'", mean, ref.router.weight.grad / W, ROUTER_TOL)
+    everyone = [torch.empty_like(own) for _ in range(W)]
+    torch.distributed.all_gather(everyone, own)
+    compare("router grad, op='mean' vs the ranks' own mean", mean, torch.stack(everyone).mean(0), TOL)
+    return {"mean_norm": float(mean.norm()), "sum_norm": float(ref.router.weight.grad.norm())}
