@@ -63,14 +63,36 @@ def test_sdd_two_block_tile_matches_reference(device, dtype, monkeypatch):
     assert_close(out, ref.sdd_torch(a.double(), w.double(), topo), **TOLERANCES[dtype], name=f"sdd two-block {dtype}")
 
 
+def _padding_poisoned(data, topo):
+    """``data`` with NaN wherever it holds no element of ``h``: the rows past an expert's end in its
+    last block row, the columns past ``ffn`` in the last column block, and the spare blocks.
+
+    The DSD must mask every one of them (a ``<`` moved to ``<=`` in a mask reads one); the
+    reference drops them, so it never sees the NaN.
+    """
+    S, E, n = topo.num_slots, topo.num_experts, topo.ffn_size
+    valid = ref.sdd_torch(torch.ones(S, 1, device=data.device), torch.ones(E, 1, n, device=data.device), topo) != 0
+    return torch.where(valid, data, torch.full((), float("nan"), dtype=data.dtype, device=data.device))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bs", [16, 32, 64])
 def test_dsd_matches_reference(device, dtype, bs):
     plan, topo, rnd = _case(device, bs=bs, dtype=dtype)
-    data = ref.sdd_torch(rnd(plan.num_slots, 40), rnd(5, 40, 72), topo)  # zero padding, like the kernel
+    data = _padding_poisoned(ref.sdd_torch(rnd(plan.num_slots, 40), rnd(5, 40, 72), topo), topo)
+    assert torch.isnan(data).any() and topo.ffn_size % bs and (plan.tokens_per_expert % bs).any()  # padding exists
     w2 = rnd(5, 72, 40)
-    out = K.dsd(data, w2, topo, out=_nan(plan.num_slots, 40, dtype=dtype, device=device))
+    # The output is a window of a wider, taller buffer: the guard row above and below it and the
+    # guard columns right of it hold a sentinel that a store past the row or column edge would overwrite.
+    S, N, sentinel = plan.num_slots, 40, 1234.0
+    buf = torch.full((S + 2, N + 8), sentinel, dtype=dtype, device=device)
+    out = buf[1 : S + 1, :N]
+    out.fill_(float("nan"))
+    K.dsd(data, w2, topo, out=out)
     assert_close(out, ref.dsd_torch(data.double(), w2.double(), topo), **TOLERANCES[dtype], name="dsd")
+    guard = torch.ones_like(buf, dtype=torch.bool)
+    guard[1 : S + 1, :N] = False
+    assert torch.all(buf[guard] == sentinel), "dsd stored outside its output (past a row or column edge)"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
