@@ -103,29 +103,115 @@ def _valid_rows(offs: Tensor, rows: int) -> Tensor:
     return (torch.arange(rows, device=offs.device) < offs[-1:].to(torch.int64))[:, None]
 
 
+#: Rows per chunk of the elementwise work on a CPU: ~1 MB fp32 temporaries at this width.
+_CPU_CHUNK_ELEMENTS = 1 << 18
+
+
+class _Products:
+    """The grouped products of one op call, done the way this device does them fastest.
+
+    On a CPU the offsets are host memory already, so reading them is no sync: each
+    product is a loop of ``torch.mm`` writing **into a buffer the call already has**
+    (``out=``; ``addmm`` to accumulate). A fresh 100 MB tensor costs more in page
+    faults than the matmul work that fills it on a small machine (measured: a new
+    ``[32768, 1024]`` fp32 buffer filled 123 ms, an existing one 36 ms), and
+    ``F.grouped_mm`` always allocates its output. Elementwise work runs in row chunks
+    whose temporaries stay cache-sized and are reused by the allocator.
+    Elsewhere every product is one ``F.grouped_mm`` (offsets stay on the device), the
+    ``out``/``acc`` buffers are only hints, and elementwise work is whole-tensor.
+    """
+
+    def __init__(self, expert_offsets: Tensor, rows: int):
+        self.offs = expert_offsets[1:]
+        self.rows = rows
+        self.host = expert_offsets.device.type == "cpu"
+        # host memory on a CPU: .tolist() copies, it does not synchronise anything
+        self.bounds = expert_offsets.tolist() if self.host else None
+
+    def chunks(self, width: int):
+        step = max(1, _CPU_CHUNK_ELEMENTS // max(width, 1)) if self.host else max(self.rows, 1)
+        return [slice(i, min(i + step, self.rows)) for i in range(0, self.rows, step)]
+
+    def mm(self, a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``out[rows of e] = a[rows of e] @ b[e]``; rows past the last expert: unspecified."""
+        if not self.host:
+            return gmm(a, b, self.offs)
+        out = a.new_empty(a.shape[0], b.shape[2]) if out is None else out
+        lo = self.bounds
+        for e in range(b.shape[0]):
+            if lo[e + 1] > lo[e]:
+                torch.mm(a[lo[e] : lo[e + 1]], b[e], out=out[lo[e] : lo[e + 1]])
+        return out
+
+    def mm_acc(self, acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """``acc[rows of e] += a[rows of e] @ b[e]``."""
+        if not self.host:
+            return acc.add_(gmm(a, b, self.offs))
+        lo = self.bounds
+        for e in range(b.shape[0]):
+            if lo[e + 1] > lo[e]:
+                part = acc[lo[e] : lo[e + 1]]
+                torch.addmm(part, a[lo[e] : lo[e + 1]], b[e], out=part)
+        return acc
+
+    def wgrad(self, a: Tensor, g: Tensor, like: Tensor) -> Tensor:
+        """``out[e] = a[rows of e]^T @ g[rows of e]`` (zero for empty experts), laid out like ``like``.
+
+        A weight stored transposed (``[E, N, K]`` memory, as transformers keeps
+        ``down_proj``) gets its gradient in that layout, so accumulating it into
+        ``.grad`` copies nothing.
+        """
+        transposed = _is_transposed(like)
+        if not self.host:
+            return gmm_wgrad(g, a, self.offs).transpose(1, 2) if transposed else gmm_wgrad(a, g, self.offs)
+        E, K, N = like.shape
+        out = a.new_empty(E, N, K) if transposed else a.new_empty(E, K, N)
+        lo = self.bounds
+        for e in range(E):
+            if lo[e + 1] == lo[e]:
+                out[e].zero_()
+            elif transposed:
+                torch.mm(g[lo[e] : lo[e + 1]].t(), a[lo[e] : lo[e + 1]], out=out[e])
+            else:
+                torch.mm(a[lo[e] : lo[e + 1]].t(), g[lo[e] : lo[e + 1]], out=out[e])
+        return out.transpose(1, 2) if transposed else out
+
+    def zero_tail(self, t: Tensor) -> Tensor:
+        """Zero the rows no expert owns (a padded plan's tail), in place."""
+        if self.host:
+            t[self.bounds[-1] :].zero_()
+            return t
+        return t.masked_fill_(~_valid_rows(self.offs, self.rows), 0)
+
+
+def _is_transposed(w: Tensor) -> bool:
+    return w.dim() == 3 and w.stride(1) == 1 and w.stride(2) != 1 and w.shape[1] > 1
+
+
+def _grad_like(w: Tensor) -> Tensor:
+    """An uninitialised tensor shaped and laid out as :meth:`_Products.wgrad` returns for ``w``."""
+    if _is_transposed(w):
+        return w.new_empty(w.shape[0], w.shape[2], w.shape[1]).transpose(1, 2)
+    return w.new_empty(w.shape)
+
+
 def _index_add_rows(rows: Tensor, index: Tensor, num_out: int) -> Tensor:
     """``out[index[i]] += rows[i]`` in fp32 for half inputs; deterministic on the CPU."""
     acc = torch.zeros(num_out, rows.shape[1], dtype=_compute_dtype(rows.dtype), device=rows.device)
-    acc.index_add_(0, index, rows.to(acc.dtype))
+    acc.index_add_(0, index, rows if rows.dtype == acc.dtype else rows.to(acc.dtype))
     return acc if acc.dtype == rows.dtype else acc.to(rows.dtype)
 
 
-def _first_layer(xs: Tensor, w1: Tensor, v1: Optional[Tensor], offs: Tensor, layout: str) -> tuple[Tensor, Tensor]:
-    pre1 = gmm(xs, w1, offs)
-    pre3 = gmm(xs, v1, offs) if layout == "separate" else xs.new_empty(0)
-    return pre1, pre3
-
-
-def _hidden(pre1: Tensor, pre3: Tensor, w_sorted: Optional[Tensor], activation: str, layout: str) -> Tensor:
-    """``act(g) [* u] [* w]`` in the compute dtype: the down projection's input (unmasked)."""
-    g, u = _split_gate_up(pre1, pre3, layout)
-    cd = _compute_dtype(pre1.dtype)
-    h = _act_fwd(activation, g.to(cd))
-    if u is not None:
-        h.mul_(u)
-    if w_sorted is not None:
-        h.mul_(w_sorted.to(cd)[:, None])
-    return h
+def _hidden_into(h: Tensor, g: Tensor, u: Optional[Tensor], w_sorted: Optional[Tensor], activation: str, pro: _Products) -> None:
+    """``h = act(g) [* u] [* w]``, chunk by chunk, computed in fp32 for half inputs."""
+    cd = _compute_dtype(h.dtype)
+    for sl in pro.chunks(h.shape[1]):
+        a = _act_fwd(activation, g[sl].to(cd))
+        if u is not None:
+            a.mul_(u[sl])
+        if w_sorted is not None:
+            a.mul_(w_sorted[sl])
+        h[sl] = a
 
 
 # --------------------------------------------------------------------------- forward op
@@ -136,18 +222,23 @@ def _ffn_op(
     top_k: int, activation: str, layout: str, padded: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     S, T = sorted_to_slot.shape[0], x.shape[0]
-    offs = expert_offsets[1:]
+    pro = _Products(expert_offsets, S)
     token = torch.div(sorted_to_slot, top_k, rounding_mode="floor").long()
-    pre1, pre3 = _first_layer(x.index_select(0, token), w1, v1, offs, layout)
-    w_sorted = None if weights is None else weights.reshape(-1)[sorted_to_slot.long()]
-    h = _hidden(pre1, pre3, w_sorted, activation, layout).to(x.dtype)
-    valid = _valid_rows(offs, S) if padded else None
-    if valid is not None:  # rows no expert owns hold garbage from the first GEMM
-        h = torch.where(valid, h, h.new_zeros(()))
-    ys = gmm(h, w2, offs)
+    xs = x.index_select(0, token)
+    pre1 = pro.mm(xs, w1)
+    pre3 = pro.mm(xs, v1) if layout == "separate" else x.new_empty(0)
+    if padded:  # rows no expert owns: zeros, so every later pass over them stays finite
+        pro.zero_tail(pre1)
+        if layout == "separate":
+            pro.zero_tail(pre3)
+    g, u = _split_gate_up(pre1, pre3, layout)
+    w_sorted = None if weights is None else weights.reshape(-1)[sorted_to_slot.long()].to(_compute_dtype(x.dtype))[:, None]
+    h = x.new_empty(S, w2.shape[1])
+    _hidden_into(h, g, u, w_sorted, activation, pro)
+    ys = pro.mm(h, w2, out=xs)  # xs is dead: its buffer takes the output
     del h
-    if valid is not None:
-        ys = torch.where(valid, ys, ys.new_zeros(()))
+    if padded:
+        pro.zero_tail(ys)
     return _index_add_rows(ys, token, T), pre1, pre3
 
 
@@ -159,6 +250,30 @@ def _(x, weights, w1, v1, w2, sorted_to_slot, slot_to_sorted, expert_offsets, to
 
 
 # --------------------------------------------------------------------------- backward op
+def _backward_elementwise(dh, g, u, w_sorted, activation, pro, hw, du, dw_sorted) -> None:
+    """From ``dh = d(down input)``: ``hw = act(g) [* u] * w`` (for dw2), ``dw``, ``du``, and ``dg`` into ``dh``.
+
+    Chunk by chunk, in fp32 for half inputs; ``hw``/``du``/``dw_sorted`` may be None
+    when not needed (``dw_sorted`` needs ``w_sorted``).
+    """
+    cd = _compute_dtype(dh.dtype)
+    for sl in pro.chunks(dh.shape[1]):
+        a, da_dg = _act_fwd_grad(activation, g[sl].to(cd))
+        d = dh[sl].to(cd)
+        r = a if u is None else a * u[sl]
+        if dw_sorted is not None:
+            dw_sorted[sl] = torch.einsum("sf,sf->s", d, r)
+        if hw is not None:
+            hw[sl] = r if w_sorted is None else r * w_sorted[sl]
+        if w_sorted is not None:
+            d.mul_(w_sorted[sl])  # now d(act(g) [* u])
+        if du is not None:
+            du[sl] = d * a
+        if u is not None:
+            d.mul_(u[sl])
+        dh[sl] = d.mul_(da_dg)
+
+
 @torch.library.custom_op("blocksparse_moe::grouped_ffn_backward", mutates_args=())
 def _ffn_backward_op(
     dy: Tensor, x: Tensor, weights: Optional[Tensor], w1: Tensor, v1: Optional[Tensor], w2: Tensor,
@@ -167,71 +282,50 @@ def _ffn_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     need_x, need_w, need_w1, need_v1, need_w2 = needs
     S, T = sorted_to_slot.shape[0], x.shape[0]
-    offs = expert_offsets[1:]
+    pro = _Products(expert_offsets, S)
     slot = sorted_to_slot.long()
     token = torch.div(sorted_to_slot, top_k, rounding_mode="floor").long()
     cd = _compute_dtype(x.dtype)
-    empty = x.new_empty(0)
-
-    dys = dy.index_select(0, token)
-    dh = gmm(dys, w2.transpose(1, 2), offs).to(cd)  # d(down input) [S, F], rows past the end: garbage
+    fused = layout in ("concat", "interleave")
     g, u = _split_gate_up(pre1, pre3, layout)
-    a, da_dg = _act_fwd_grad(activation, g.to(cd))
-    r = a if u is None else a * u  # act(g) [* u], unweighted
     w_sorted = None if weights is None else weights.reshape(-1)[slot].to(cd)[:, None]
 
-    d_w2 = empty
-    if need_w2:
-        h = r if w_sorted is None else r * w_sorted
-        d_w2 = gmm_wgrad(h.to(x.dtype), dys, offs)
-        del h
-    del dys
-    d_weights = empty
-    if need_w and w_sorted is not None:
-        dw_sorted = (dh * r).sum(1)
-        if padded:
-            dw_sorted = torch.where(_valid_rows(offs, S)[:, 0], dw_sorted, dw_sorted.new_zeros(()))
+    buf = dy.index_select(0, token)  # [S, H]: dys now, xs later, dxs last (one buffer)
+    dh = pro.mm(buf, w2.transpose(1, 2))  # d(down input) [S, F]
+    if padded:
+        pro.zero_tail(dh)
+    F = dh.shape[1]
+    hw = x.new_empty(S, F) if need_w2 else None
+    dw_sorted = x.new_empty(S, dtype=cd) if need_w and w_sorted is not None else None
+    d_gate_up = x.new_empty(S, 2 * F) if fused else None
+    dg_out, du_out = _split_gate_up(d_gate_up, d_gate_up, layout) if fused else (dh, None)
+    if u is not None and not fused:
+        du_out = x.new_empty(S, F)
+    _backward_elementwise(dh, g, u, w_sorted, activation, pro, hw, du_out, dw_sorted)
+    if fused:
+        dg_out.copy_(dh)
+    del dh
+    d_w2 = pro.wgrad(hw, buf, w2) if need_w2 else x.new_empty(0)
+    del hw
+    d_weights = x.new_empty(0)
+    if dw_sorted is not None:
         d_weights = torch.empty_like(dw_sorted).index_copy_(0, slot, dw_sorted).view(T, top_k).to(weights.dtype)
-    del r
-    if w_sorted is not None:
-        dh.mul_(w_sorted)  # now d(act(g) [* u])
-    d_gate_up = None
-    if layout in ("concat", "interleave"):  # both halves in one buffer: one GEMM each way
-        d_gate_up = torch.empty(S, pre1.shape[1], dtype=x.dtype, device=x.device)
-        dg, du = _split_gate_up(d_gate_up, empty, layout)
-        torch.mul(dh, a, out=du)
-        torch.mul(dh.mul_(u), da_dg, out=dg)
-    else:
-        du = None if u is None else (dh * a).to(x.dtype)
-        dg = (dh.mul_(da_dg) if u is None else dh.mul_(u).mul_(da_dg)).to(x.dtype)
-    del dh, a, da_dg
-    if padded:  # rows no expert owns carry garbage into the input GEMMs' unread rows only,
-        valid = _valid_rows(offs, S)  # but the weight GEMMs read every row up to offs[-1]: exact.
-        if d_gate_up is not None:
-            d_gate_up = torch.where(valid, d_gate_up, d_gate_up.new_zeros(()))
-        else:
-            dg = torch.where(valid, dg, dg.new_zeros(()))
-            du = None if du is None else torch.where(valid, du, du.new_zeros(()))
 
-    d_w1 = d_v1 = empty
+    dg, du = (d_gate_up, None) if fused else (dg_out, du_out)
+    d_w1, d_v1 = x.new_empty(0), x.new_empty(0)
     if need_w1 or need_v1:
-        xs = x.index_select(0, token)
-        if d_gate_up is not None:
-            d_w1 = gmm_wgrad(xs, d_gate_up, offs)
-        else:
-            d_w1 = gmm_wgrad(xs, dg, offs) if need_w1 else empty
-            d_v1 = gmm_wgrad(xs, du, offs) if need_v1 and du is not None else empty
-        del xs
-    d_x = empty
+        xs = torch.index_select(x, 0, token, out=buf)
+        if need_w1:
+            d_w1 = pro.wgrad(xs, dg, w1)
+        if need_v1 and du is not None:
+            d_v1 = pro.wgrad(xs, du, v1)
+    d_x = x.new_empty(0)
     if need_x:
-        if d_gate_up is not None:
-            dxs = gmm(d_gate_up, w1.transpose(1, 2), offs)
-        else:
-            dxs = gmm(dg, w1.transpose(1, 2), offs)
-            if du is not None:
-                dxs.add_(gmm(du, v1.transpose(1, 2), offs))
+        dxs = pro.mm(dg, w1.transpose(1, 2), out=buf)
+        if du is not None:
+            dxs = pro.mm_acc(dxs, du, v1.transpose(1, 2))
         if padded:
-            dxs = torch.where(_valid_rows(offs, S), dxs, dxs.new_zeros(()))
+            pro.zero_tail(dxs)
         d_x = _index_add_rows(dxs, token, T)
     return d_x, d_weights, d_w1, d_v1, d_w2
 
@@ -240,13 +334,12 @@ def _ffn_backward_op(
 def _(dy, x, weights, w1, v1, w2, pre1, pre3, sorted_to_slot, slot_to_sorted, expert_offsets,
       top_k, activation, layout, padded, needs):  # fmt: skip
     need_x, need_w, need_w1, need_v1, need_w2 = needs
-    e = x.new_empty(0)
     return (
-        x.new_empty(x.shape) if need_x else e,
-        weights.new_empty(weights.shape) if need_w and weights is not None else e,
-        w1.new_empty(w1.shape) if need_w1 or (need_v1 and layout in ("concat", "interleave")) else e,
-        v1.new_empty(v1.shape) if need_v1 and layout == "separate" else e,
-        w2.new_empty(w2.shape) if need_w2 else e,
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        x.new_empty(weights.shape, dtype=weights.dtype) if need_w and weights is not None else x.new_empty(0),
+        _grad_like(w1) if need_w1 else x.new_empty(0),
+        _grad_like(v1) if need_v1 and layout == "separate" else x.new_empty(0),
+        _grad_like(w2) if need_w2 else x.new_empty(0),
     )
 
 
@@ -304,7 +397,9 @@ def grouped_ffn(
     if activation not in ACTIVATION_NAMES:
         raise ValueError(f"activation must be one of {ACTIVATION_NAMES} for the fused grouped FFN, got {activation!r}")
     if (layout == "separate") != (v1 is not None):
-        raise ValueError(f"v1 is given exactly when layout='separate'; got layout={layout!r}, v1 {'set' if v1 is not None else 'None'}")
+        raise ValueError(
+            f"v1 is given exactly when layout='separate'; got layout={layout!r}, v1 {'set' if v1 is not None else 'None'}"
+        )
     y, _, _ = _ffn_op(
         x, weights, w1, v1, w2, plan.sorted_to_slot, plan.slot_to_sorted, plan.expert_offsets,
         plan.top_k, activation, layout, padded,

@@ -22,7 +22,10 @@ nothing else. Models add, per expert:
 - ``post(rows) -> rows``: a row-wise op on each (token, expert) output before
   it is weighted, e.g. a post-expert norm or token dropout.
 
-With none of these it is exactly :func:`~blocksparse_moe.functional.expert_ffn`.
+With none of these it is exactly :func:`~blocksparse_moe.functional.routed_ffn`. On the
+grouped backend the intermediate is rows ``[S, ffn]``, not blocks, and the extras are
+plain row ops there (:func:`~blocksparse_moe.backends.grouped.grouped_ffn_composed`);
+what follows is how the block backends place them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..functional import check_ffn_args, expert_ffn
+from ..backends.grouped import grouped_ffn_composed
+from ..functional import check_ffn_args, routed_ffn
 from ..reference import get_activation
 from ..routing import plan_routing
 from ..topology import Topology, build_topology
@@ -78,6 +82,7 @@ def dropless_ffn(
     post: Callable[[torch.Tensor], torch.Tensor] | None = None,
     block_size: int = 64,
     backend: str = "auto",
+    fused_gate_up: tuple[torch.Tensor, str] | None = None,
 ) -> torch.Tensor:
     """``y[t] = sum_j weights[t, j] * post(FFN_{ids[t, j]}(x[t]))`` with biases and an optional custom gate.
 
@@ -95,12 +100,15 @@ def dropless_ffn(
     if v1 is None and (gate is not None or bv is not None):
         raise ValueError("gate and bv apply to the up projection of a GLU: they need v1")
     act = get_activation(activation)
-    backend = ops.resolve_backend(backend, x.device)
+    backend = ops.resolve_backend(backend, x.device, x.dtype, E, ffn)
     plan = plan_routing(expert_ids, E)
-    topo = build_topology(plan, ffn, block_size)
     if b1 is None and bv is None and b2 is None and gate is None and post is None:
-        return expert_ffn(x, plan, topo, weights, w1, w2, v1, act, backend)
-
+        return routed_ffn(x, plan, weights, w1, w2, v1, activation, backend=backend, block_size=block_size,
+                          fused_gate_up=fused_gate_up)  # fmt: skip
+    if backend == "grouped":
+        return grouped_ffn_composed(x, plan, weights, w1, w2, v1, activation=act, b1=b1, bv=bv, b2=b2,
+                                    gate=gate, post=post)  # fmt: skip
+    topo = build_topology(plan, ffn, block_size)
     xs = ops.gather(x, plan, backend)
     h1 = ops.sdd(xs, w1, topo, backend)
     if b1 is not None:

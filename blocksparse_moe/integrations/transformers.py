@@ -38,8 +38,8 @@ cannot take raises :class:`UnsupportedExpertsLayout` naming the class and the fl
 Backend and block size: ``register(backend=..., block_size=...)`` registers an
 implementation object carrying them (frozen); ``register("blocksparse_triton",
 backend="triton")`` adds a second name without touching the first. The default is
-``backend="auto"`` (Triton on CUDA tensors, the pure-torch path elsewhere) and
-``block_size=64``.
+``backend="auto"`` (see :mod:`blocksparse_moe.backends.select`: the grouped-GEMM path on
+the CPU, Triton or grouped on CUDA by measured shape) and ``block_size=64``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from functools import partial
-from types import MappingProxyType
 from typing import Callable
 
 import torch
@@ -81,15 +80,25 @@ DEFAULT_NAME = "blocksparse"
 SUPPORTED_FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
 
 
-def _decorator_flags() -> MappingProxyType:
-    """The installed decorator's layout flags and their defaults (read once, read-only)."""
+def _decorator_flags() -> tuple[tuple[str, object], ...]:
+    """The installed decorator's layout flags and their defaults, read once, as a tuple of pairs.
+
+    A tuple, not a dict or ``MappingProxyType``: ``expert_layout`` runs inside traced
+    forwards, and once a traced ``generate`` has mutated any dict Dynamo refuses to read
+    a mapping proxy (``fullgraph=True`` then fails); a tuple of constants always traces.
+    """
     params = inspect.signature(_hf_moe.use_experts_implementation).parameters
-    return MappingProxyType(
-        {n: p.default for n, p in params.items() if n not in ("experts_class", "experts_interface")}
-    )
+    return tuple((n, p.default) for n, p in params.items() if n not in ("experts_class", "experts_interface"))
 
 
 _FLAG_DEFAULTS = _decorator_flags()
+
+
+def _flag_default(flag: str):
+    for name, default in _FLAG_DEFAULTS:
+        if name == flag:
+            return default
+    return None
 
 
 class UnsupportedExpertsLayout(ValueError):
@@ -97,7 +106,7 @@ class UnsupportedExpertsLayout(ValueError):
 
 
 def _fail(module: torch.nn.Module, flag: str, what: str) -> UnsupportedExpertsLayout:
-    value = getattr(module, flag, _FLAG_DEFAULTS.get(flag))
+    value = getattr(module, flag, _flag_default(flag))
     return UnsupportedExpertsLayout(
         f"{type(module).__name__} ({flag}={value!r}): the 'blocksparse' experts implementation {what}"
     )
@@ -110,7 +119,9 @@ class ExpertsLayout:
     ``w1``/``v1 [E, H, F]`` (gate and up, or ``v1=None`` without a gate), ``w2 [E, F, H]``,
     optional biases ``b1``/``bv [E, F]`` and ``b2 [E, H]``; ``activation`` for
     ``act(h1) [* h3]``, or ``gate(h1, h3)`` for a class-specific gate; ``post`` the
-    per-row op after the down projection.
+    per-row op after the down projection. ``gate_up`` is the fused ``[E, H, 2F]`` view
+    whose halves ``w1``/``v1`` are, when the default gate reads it (concatenated halves):
+    the grouped backend takes it whole, one GEMM of width ``2F``.
     """
 
     w1: torch.Tensor
@@ -122,6 +133,7 @@ class ExpertsLayout:
     activation: Callable | None
     gate: Callable | None
     post: Callable | None
+    gate_up: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -164,10 +176,10 @@ def expert_layout(module: torch.nn.Module) -> ExpertsLayout:
     Every tensor returned is a view of the module's parameters. Raises
     :class:`UnsupportedExpertsLayout` naming the class and the flag otherwise.
     """
-    for flag, default in _FLAG_DEFAULTS.items():
+    for flag, default in _FLAG_DEFAULTS:
         if flag not in SUPPORTED_FLAGS and getattr(module, flag, default) != default:
             raise _fail(module, flag, "does not support this flag yet")
-    flags = {f: getattr(module, f, _FLAG_DEFAULTS.get(f)) for f in SUPPORTED_FLAGS}
+    flags = {f: getattr(module, f, _flag_default(f)) for f in SUPPORTED_FLAGS}
     if any(not hasattr(module, f) for f in ("has_gate", "is_transposed")):
         raise UnsupportedExpertsLayout(
             f"{type(module).__name__} is not an experts module decorated with use_experts_implementation "
@@ -228,7 +240,10 @@ def expert_layout(module: torch.nn.Module) -> ExpertsLayout:
         if not callable(post):
             raise _fail(module, "has_post_expert_norm", "expects a `post_expert_norm` module")
 
-    return ExpertsLayout(w1=w1, w2=w2, v1=v1, b1=b1, bv=bv, b2=b2, activation=activation, gate=gate, post=post)
+    gate_up = up_t if has_gate and gate is None else None
+    return ExpertsLayout(
+        w1=w1, w2=w2, v1=v1, b1=b1, bv=bv, b2=b2, activation=activation, gate=gate, post=post, gate_up=gate_up
+    )  # fmt: skip
 
 
 def experts_forward(
@@ -257,6 +272,7 @@ def experts_forward(
         b1=lay.b1, bv=lay.bv, b2=lay.b2,
         activation=lay.activation if lay.activation is not None else "gelu",
         gate=lay.gate, post=lay.post, block_size=block_size, backend=backend,
+        fused_gate_up=None if lay.gate_up is None else (lay.gate_up, "concat"),
     )  # fmt: skip
     return y.to(hidden_states.dtype).reshape(shape)
 

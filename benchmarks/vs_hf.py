@@ -1,0 +1,228 @@
+"""dMoE and the ``"blocksparse"`` experts against transformers' own ``grouped_mm`` experts, side by side.
+
+What a CPU user compares (issue 11's targets), in one process, interleaved A B A B so
+that the machine's drift hits both alike; medians and the per-pair ratio
+``theirs / ours`` (> 1: we are faster):
+
+* ``layer``: one SwiGLU MoE layer, forward + backward: transformers'
+  ``MixtralSparseMoeBlock`` with ``experts_implementation="grouped_mm"``, against
+  (a) ``dMoE`` on the same weights and (b) the same block with ``"blocksparse"``;
+* ``generate``: a small random Qwen3-MoE causal LM, prefill of a prompt and greedy
+  decode per token, ``"blocksparse"`` against ``"grouped_mm"``, tokens compared;
+* ``memory IMPL SHAPE``: the step's peak resident memory above the set-up state, in a
+  fresh process per implementation (``ru_maxrss``; torch's CPU allocator is not
+  visible to tracemalloc).
+
+    python -m benchmarks.vs_hf layer [--shapes e8,e64] [--pairs 5]
+    python -m benchmarks.vs_hf generate [--prompt 256] [--new 32]
+    python -m benchmarks.vs_hf memory                 # every impl x shape, subprocesses
+    python -m benchmarks.vs_hf all --out benchmarks/results   # all three, one results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import blocksparse_moe.integrations.transformers  # noqa: F401 - registers "blocksparse"
+from blocksparse_moe import MoEConfig, dMoE
+
+from .common import RESULTS_DIR, environment, now, results_path, write_results
+
+#: The issue's two layer shapes (SwiGLU, fp32).
+LAYER_SHAPES = {
+    "e8": dict(tokens=2048, hidden=512, ffn=1024, experts=8, top_k=2),
+    "e64": dict(tokens=4096, hidden=1024, ffn=768, experts=64, top_k=8),
+}
+LAYER_IMPLS = ("hf_grouped_mm", "dmoe", "hf_blocksparse")
+
+
+def _mixtral_block(s: dict, impl: str, seed: int = 0):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"], num_local_experts=s["experts"],
+                        num_experts_per_tok=s["top_k"], hidden_act="silu")  # fmt: skip
+    cfg._experts_implementation = impl
+    torch.manual_seed(seed)
+    block = MixtralSparseMoeBlock(cfg)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return block
+
+
+def _dmoe_like(block, s: dict) -> dMoE:
+    """A dMoE holding the block's weights (router, gate/up halves, down), so both compute one function."""
+    cfg = MoEConfig(hidden_size=s["hidden"], ffn_hidden_size=s["ffn"], num_experts=s["experts"], top_k=s["top_k"],
+                    glu=True, activation="silu", router_renormalize=True, load_balancing_loss_weight=0.0,
+                    z_loss_weight=0.0)  # fmt: skip
+    layer = dMoE(cfg)
+    F = s["ffn"]
+    gate_up = block.experts.gate_up_proj.detach()  # [E, 2F, H]
+    with torch.no_grad():
+        layer.router.weight.copy_(block.gate.weight)
+        layer.w1.copy_(gate_up[:, :F].transpose(1, 2))
+        layer.v1.copy_(gate_up[:, F:].transpose(1, 2))
+        layer.w2.copy_(block.experts.down_proj.detach().transpose(1, 2))
+    return layer
+
+
+def _layer_step(module, x, grad):
+    out = module(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(grad)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run_layer(shapes, pairs: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for name in shapes:
+        s = LAYER_SHAPES[name]
+        ref = _mixtral_block(s, "grouped_mm", seed)
+        mods = {"hf_grouped_mm": ref, "dmoe": _dmoe_like(ref, s), "hf_blocksparse": _mixtral_block(s, "blocksparse", seed)}
+        mods["hf_blocksparse"].load_state_dict(ref.state_dict())
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, s["tokens"], s["hidden"], generator=g)
+        grad = torch.randn(1, s["tokens"], s["hidden"], generator=g)
+        outs = {}
+        for impl, m in mods.items():  # warm-up, and every output checked against grouped_mm's
+            o = m(x)
+            outs[impl] = (o[0] if isinstance(o, tuple) else o).detach()
+            _layer_step(m, x, grad)
+        err = {k: float((v - outs["hf_grouped_mm"]).abs().max()) for k, v in outs.items()}
+        times = {k: [] for k in mods}
+        for _ in range(pairs):
+            for impl, m in mods.items():
+                m.zero_grad(set_to_none=True)
+                times[impl].append(_timed(lambda: _layer_step(m, x, grad)))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratios = {k: statistics.median(a / b for a, b in zip(times["hf_grouped_mm"], times[k])) for k in mods}
+        rows.append(dict(shape=name, **s, threads=torch.get_num_threads(), pairs=pairs, median_ms=med,
+                         times_ms=times, ratio_theirs_over_ours=ratios, max_abs_diff_vs_grouped_mm=err))  # fmt: skip
+        print(f"layer {name}: " + ", ".join(f"{k} {med[k]:.1f} ms (x{ratios[k]:.2f})" for k in mods), flush=True)
+        del mods, ref
+        gc.collect()
+    return rows
+
+
+def _qwen3(impl: str, seed: int = 0):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                         num_experts=64, num_experts_per_tok=8, decoder_sparse_step=1, max_position_embeddings=2048,
+                         norm_topk_prob=True)  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    model.set_experts_implementation(impl)
+    return model
+
+
+def run_generate(prompt: int, new: int, pairs: int, seed: int = 0) -> dict:
+    base = _qwen3("grouped_mm", seed)
+    ours = _qwen3("blocksparse", seed)
+    ours.load_state_dict(base.state_dict())
+    models = {"grouped_mm": base, "blocksparse": ours}
+    ids = torch.randint(0, 1024, (1, prompt), generator=torch.Generator().manual_seed(seed))
+    kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    tokens, prefill, total = {}, {k: [] for k in models}, {k: [] for k in models}
+    with torch.no_grad():
+        for k, m in models.items():  # warm-up
+            tokens[k] = m.generate(ids, **kw)[0, prompt:].tolist()
+        for _ in range(pairs):
+            for k, m in models.items():
+                prefill[k].append(_timed(lambda: m(ids)))
+                total[k].append(_timed(lambda: m.generate(ids, **kw)))
+    decode = {k: [(t - p) / (new - 1) for t, p in zip(total[k], prefill[k])] for k in models}
+    med = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
+    ratio = lambda d: statistics.median(a / b for a, b in zip(d["grouped_mm"], d["blocksparse"]))  # noqa: E731
+    row = dict(prompt=prompt, new_tokens=new, pairs=pairs, threads=torch.get_num_threads(),
+               prefill_ms=med(prefill), decode_ms_per_token=med(decode), prefill_ratio=ratio(prefill),
+               decode_ratio=ratio(decode), same_tokens=tokens["grouped_mm"] == tokens["blocksparse"])  # fmt: skip
+    print(f"generate: prefill {row['prefill_ms']} (x{row['prefill_ratio']:.2f}), decode/token "
+          f"{row['decode_ms_per_token']} (x{row['decode_ratio']:.2f}), same tokens {row['same_tokens']}", flush=True)  # fmt: skip
+    return row
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_child(impl: str, shape: str) -> None:
+    """In a fresh process: set up one impl, then print the step's peak RSS above the set-up peak."""
+    s = LAYER_SHAPES[shape]
+    block = _mixtral_block(s, "grouped_mm" if impl == "hf_grouped_mm" else "blocksparse")
+    module = _dmoe_like(block, s) if impl == "dmoe" else block
+    if impl == "dmoe":
+        del block
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, s["tokens"], s["hidden"], generator=g)
+    grad = torch.randn(1, s["tokens"], s["hidden"], generator=g)
+    # Gradients exist before the measured step, so their memory is part of the set-up.
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    gc.collect()
+    before = _rss_mb()
+    _layer_step(module, x, grad)
+    print(f"{_rss_mb() - before:.1f}")
+
+
+def run_memory(shapes) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        peak = {}
+        for impl in LAYER_IMPLS:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.vs_hf", "memory-child", impl, shape],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            peak[impl] = float(out.stdout.strip().splitlines()[-1])
+        ratio = {k: v / peak["hf_grouped_mm"] for k, v in peak.items()}
+        rows.append(dict(shape=shape, step_peak_rss_mb=peak, ratio_vs_grouped_mm=ratio))
+        print(f"memory {shape}: " + ", ".join(f"{k} {v:.0f} MB (x{ratio[k]:.2f})" for k, v in peak.items()), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.vs_hf", description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["layer", "generate", "memory", "all", "memory-child"])
+    p.add_argument("args", nargs="*")
+    p.add_argument("--shapes", default="e8,e64")
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--out", type=Path, default=None, help="write a results JSON here (a folder)")
+    a = p.parse_args(argv)
+    if a.what == "memory-child":
+        memory_child(*a.args)
+        return 0
+    shapes = a.shapes.split(",")
+    res = {}
+    if a.what in ("layer", "all"):
+        res["layer"] = run_layer(shapes, a.pairs)
+    if a.what in ("generate", "all"):
+        res["generate"] = run_generate(a.prompt, a.new, a.pairs)
+    if a.what in ("memory", "all"):
+        res["memory"] = run_memory(shapes)
+    if a.out is not None:
+        created = now()
+        env = environment(torch.device("cpu"), torch.float32)
+        path = results_path(a.out, env, "vs-hf", created)
+        write_results(path, dict(suite="vs-hf", created=created.isoformat(), argv=sys.argv, env=env, **res))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
