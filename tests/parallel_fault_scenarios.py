@@ -1,7 +1,7 @@
 """Fault scenarios for the expert-parallel tests: errors that name the rank, field or layer, never a hang.
 
-Configurations that differ across ranks, an expert count the group does not divide,
-bad input on one rank, collectives that time out and a rank that dies; each runs on
+Configurations that differ across ranks, a placement missing an expert, placements that
+differ, a mesh without an ``ep`` dim, bad input on one rank, collectives that time out and a rank that dies; each runs on
 every rank of a launch (``parallel_harness.launch``, by name). Timeouts leave their
 groups unusable, so tests run them last; ``dead_rank`` needs a launch of its own.
 """
@@ -55,15 +55,58 @@ def mismatch_dtype(rank, W):
 
 
 @scenario
-def not_divisible(rank, W):
+def placement_missing_expert(rank, W):
+    """A placement that leaves an expert out: every rank raises before any collective, naming it."""
+    from blocksparse_moe import MoEConfig
+    from blocksparse_moe.parallel import ExpertParallelDMoE, ExpertPlacement
+
+    E = 2 * W
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=E, top_k=1, block_size=16)
+    messages = []
+    for bad in (lambda: ExpertPlacement.from_rank_experts([list(range(E - 1))] + [[] for _ in range(W - 1)], E),
+                lambda: [0] * (E - 1)):  # fmt: skip
+        try:
+            ExpertParallelDMoE(cfg, placement=bad(), name="blocks.4.moe")
+        except ValueError as err:
+            messages.append(str(err))
+        else:
+            raise AssertionError("no ValueError")
+    assert f"expert(s) [{E - 1}]" in messages[0], messages[0]
+    assert "blocks.4.moe" in messages[1] and f"num_experts={E}" in messages[1], messages[1]
+    return {"message": " | ".join(messages)}
+
+
+@scenario
+def mismatch_placement(rank, W):
+    """Valid placements that differ across ranks: the configuration check names the rank and the field."""
+    from blocksparse_moe import MoEConfig
+    from blocksparse_moe.parallel import ConfigMismatchError, ExpertParallelDMoE
+
+    E = 2 * W
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=E, top_k=1, block_size=16)
+    owners = [e % W for e in range(E)] if rank == W - 1 else None
+    try:
+        ExpertParallelDMoE(cfg, placement=owners, name="blocks.5.moe")
+    except ConfigMismatchError as err:
+        assert f"rank {W - 1}: placement=" in str(err), str(err)
+        return {"message": str(err)}
+    raise AssertionError("no ConfigMismatchError")
+
+
+@scenario
+def mesh_without_ep(rank, W):
+    """A DeviceMesh without an "ep" dim: a ValueError naming the dims, on every rank, before any collective."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     from blocksparse_moe import MoEConfig
     from blocksparse_moe.parallel import ExpertParallelDMoE
 
-    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=W + 1, top_k=1, block_size=16)
+    mesh = init_device_mesh("cpu", (W,), mesh_dim_names=("dp",))
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=2 * W, top_k=1, block_size=16)
     try:
-        ExpertParallelDMoE(cfg)
+        ExpertParallelDMoE(cfg, mesh)
     except ValueError as err:
-        assert f"num_experts={W + 1} is not divisible by the expert-parallel world size {W}" in str(err), str(err)
+        assert "mesh_dim_names=('dp',)" in str(err) and "'ep'" in str(err), str(err)
         return {"message": str(err)}
     raise AssertionError("no ValueError")
 
@@ -140,8 +183,9 @@ def layer_timeout(rank, W):
     ep = ExpertParallelDMoE(cfg, group, name="blocks.6.moe", timeout=datetime.timedelta(seconds=limit))
     if rank != 0:
         time.sleep(limit + 1.5)
-        # Complete rank 0's abandoned count exchange, so that its group can be torn down.
-        counts = torch.zeros(2 * W, dtype=torch.int64)
+        # Complete rank 0's abandoned count exchange, so that its group can be torn down:
+        # per destination, its 2 experts' counts and one status word.
+        counts = torch.zeros(3 * W, dtype=torch.int64)
         dist.all_to_all_single(torch.empty_like(counts), counts, group=group)
         return {}
     t = time.monotonic()

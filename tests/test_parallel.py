@@ -120,7 +120,7 @@ def test_needs_an_initialized_process_group():
 
 
 def test_offline_sharding():
-    from blocksparse_moe.parallel import expert_range, shard_state_dict
+    from blocksparse_moe.parallel import ExpertPlacement, expert_range, shard_state_dict
 
     full = {
         "a.router.weight": torch.randn(6, 4),
@@ -132,8 +132,10 @@ def test_offline_sharding():
     shard = shard_state_dict(full, rank=2, world_size=3)
     assert torch.equal(shard["a.w1"], full["a.w1"][4:6]) and torch.equal(shard["a.w2"], full["a.w2"][4:6])
     assert shard["a.router.weight"] is full["a.router.weight"] and shard["b"] is full["b"]
-    with pytest.raises(ValueError, match="not divisible"):
-        expert_range(0, 4, 6)
+    # E need not divide the group: the first E % W ranks hold one more expert.
+    assert [list(expert_range(r, 4, 6)) for r in range(4)] == [[0, 1], [2, 3], [4], [5]]
+    placed = shard_state_dict(full, rank=0, world_size=2, placement=ExpertPlacement.from_owners([1, 0, 0, 1, 0, 1], 2))
+    assert torch.equal(placed["a.w1"], full["a.w1"][[1, 2, 4]])
     with pytest.raises(ValueError, match="rank and world_size"):
         shard_state_dict(full)
 

@@ -2,7 +2,9 @@
 
 * Configurations that differ across ranks (E, hidden size, top_k, dtype) fail in
   the constructor on every rank with a ConfigMismatchError naming the rank and field.
-* E not divisible by the group size fails on every rank with a clear ValueError.
+* A placement missing an expert, or a mesh without an "ep" dim, fails on every rank
+  before any collective with a ValueError naming it; valid placements that differ
+  across ranks fail the configuration check.
 * Bad input on one rank: it raises its own error, and still joins the count exchange
   with a sentinel, so the others raise PeerFailedError naming it at once (no timeout).
 * A collective that times out (the group's timeout, or the layer's own, shorter
@@ -24,7 +26,10 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 
-CONFIG = ["mismatch_num_experts", "mismatch_hidden_size", "mismatch_top_k", "mismatch_dtype", "not_divisible"]
+CONFIG = [
+    "mismatch_num_experts", "mismatch_hidden_size", "mismatch_top_k", "mismatch_dtype", "mismatch_placement",
+    "placement_missing_expert", "mesh_without_ep",
+]  # fmt: skip
 BAD_INPUT = ["bad_input_one_rank"]
 TIMEOUTS = ["group_timeout", "layer_timeout"]  # last: they leave their groups unusable
 

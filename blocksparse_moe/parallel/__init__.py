@@ -14,6 +14,13 @@
     loss(y).backward()
     sync_router_grads(model)                    # the replicated router's gradient, summed over ranks
 
+A data-parallel x expert-parallel job passes a ``DeviceMesh`` with dims ``("dp", "ep")``
+as ``group``, reduces with ``reduce_gradients(model)`` (experts over dp, the rest over
+dp x ep, DDP's mean), clips with ``clip_grad_norm_``, and checkpoints with
+``save_sharded`` / ``load_sharded`` (keyed by global expert id: any layout reads any
+other's). ``placement=`` puts any expert on any rank (``ExpertPlacement``), and
+``collect_load_stats(model)`` reports each layer's load and traffic after a step.
+
 Two all-to-alls (tokens out, results back) wrap the block-sparse expert compute;
 the split sizes come from one count exchange whose result is read on the host once
 per forward, or never with ``capacity_per_peer`` (fixed-size chunks). See
@@ -23,6 +30,9 @@ the measured traffic.
 
 from .collectives import CollectiveError, Communicator, PeerFailedError, all_to_all
 from .checks import ConfigMismatchError, check_same_config, config_fingerprint
+from .checkpoint import load_sharded, save_sharded
+from .grads import clip_grad_norm_, expert_parameter_names, expert_parameters, grad_norm, reduce_gradients
+from .groups import ExpertParallelGroups, resolve_groups
 from .layer import (
     AllToAllStats,
     CapacityOverflowError,
@@ -30,7 +40,10 @@ from .layer import (
     ExpertParallelDMoE,
     sync_router_grads,
 )
+from .load_stats import ExpertLoadStats, collect_load_stats
+from .placement import ExpertPlacement
 from .sharding import EXPERT_PARAMS, expert_range, gather_state_dict, shard_state_dict
+from .units import ExpertShard, expert_shards
 
 __all__ = [
     "AllToAllStats",
@@ -39,14 +52,28 @@ __all__ = [
     "Communicator",
     "ConfigMismatchError",
     "EXPERT_PARAMS",
+    "ExpertLoadStats",
     "ExpertParallelAux",
     "ExpertParallelDMoE",
+    "ExpertParallelGroups",
+    "ExpertPlacement",
+    "ExpertShard",
     "PeerFailedError",
     "all_to_all",
     "check_same_config",
+    "clip_grad_norm_",
+    "collect_load_stats",
     "config_fingerprint",
+    "expert_parameter_names",
+    "expert_parameters",
     "expert_range",
+    "expert_shards",
     "gather_state_dict",
+    "grad_norm",
+    "load_sharded",
+    "reduce_gradients",
+    "resolve_groups",
+    "save_sharded",
     "shard_state_dict",
     "sync_router_grads",
 ]

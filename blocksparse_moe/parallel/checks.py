@@ -17,7 +17,7 @@ import dataclasses
 from ..config import MoEConfig
 from .collectives import Communicator
 
-__all__ = ["ConfigMismatchError", "config_fingerprint", "check_same_config"]
+__all__ = ["ConfigMismatchError", "config_fingerprint", "check_same_config", "check_same_fingerprint"]
 
 # Fields that may legitimately differ per rank: each rank's own device (cuda:0, cuda:1, ...).
 _PER_RANK_FIELDS = ("device",)
@@ -48,8 +48,16 @@ def check_same_config(comm: Communicator, config: MoEConfig, extra: dict | None 
     The message names each differing rank and field with both values, e.g.
     ``rank 1: num_experts=4 (rank 0 has 8)``.
     """
-    mine = config_fingerprint(config, extra)
-    everyone = comm.all_gather_object(mine, "configuration check (all_gather_object)")
+    check_same_fingerprint(
+        comm, config_fingerprint(config, extra),
+        "Every rank must build the layer with the same MoEConfig (except device) and the same expert-parallel "
+        "options.",
+    )  # fmt: skip
+
+
+def check_same_fingerprint(comm: Communicator, fingerprint: dict, advice: str) -> None:
+    """One ``all_gather_object`` of ``fingerprint`` (printable values); any difference from rank 0 raises everywhere."""
+    everyone = comm.all_gather_object(fingerprint, "configuration check (all_gather_object)")
     ref = everyone[0]
     problems = []
     for rank, fp in enumerate(everyone):
@@ -62,6 +70,5 @@ def check_same_config(comm: Communicator, config: MoEConfig, extra: dict | None 
     if problems:
         raise ConfigMismatchError(
             f"expert-parallel layer {comm.name!r}: the configuration differs across the {comm.world_size} ranks "
-            f"of its group: " + "; ".join(problems) + ". Every rank must build the layer with the same MoEConfig "
-            "(except device) and the same expert-parallel options."
+            f"of its group: " + "; ".join(problems) + ". " + advice
         )

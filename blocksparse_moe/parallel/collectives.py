@@ -153,6 +153,16 @@ class Communicator:
             raise self.error(what, err) from err
         return gathered
 
+    def all_gather(self, tensor: torch.Tensor, what: str) -> list:
+        """Every rank's ``tensor`` (same shape on every rank), in group-rank order."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        try:
+            work = dist.all_gather(parts, tensor.contiguous(), group=self.group, async_op=True)
+        except Exception as err:  # noqa: BLE001
+            raise self.error(what, err) from err
+        self.wait(work, what)
+        return parts
+
     def broadcast_(self, tensor: torch.Tensor, what: str, src_group_rank: int = 0) -> None:
         try:
             dist.broadcast(tensor, src=dist.get_global_rank(self.group, src_group_rank), group=self.group)

@@ -1,23 +1,28 @@
 """``ExpertParallelDMoE``: the dropless layer with its experts sharded over a process group.
 
-Rank ``r`` of a group of ``W`` ranks owns the ``E_l = E / W`` experts
-``r * E_l .. (r + 1) * E_l - 1``; the router is replicated. One forward
+Rank ``r`` of the expert-parallel group holds the experts its
+:class:`~blocksparse_moe.parallel.ExpertPlacement` names (by default a contiguous
+split, ``E`` need not divide the group size); the router is replicated. One forward
 (see docs/parallel.md for the picture)::
 
     route locally (replicated router)  -> expert_ids [T, k], weights [T, k]
-    plan_routing over the E global experts: rows sorted by expert = by destination rank
-    count exchange  all_to_all_single([E] counts)            async, overlapped with the gather
-    gather          x_sorted [T*k, H]                        (the local permutation)
-    host read       the counts, once per forward             -> split sizes
-    dispatch        all_to_all_single(x_sorted, uneven splits)   autograd: backward swaps the splits
-    regroup         plan_routing over the E_l local experts of the received rows
-    experts         sdd / act / dsd on the block-sparse topology of the received rows
-    return          all_to_all_single(y, splits swapped)         autograd: backward swaps them back
+    plan_routing in placement order: rows sorted by expert = grouped by destination rank
+    count exchange  all_to_all_single(counts per destination)   async, overlapped with the gather
+    gather          x_sorted [T*k, H]                           (the local permutation)
+    host read       the counts, once per forward                -> split sizes
+    dispatch        all_to_all_single(x_sorted, uneven splits)  autograd: backward swaps the splits
+    experts         routed_ffn over the received rows, grouped by local expert
+    return          all_to_all_single(y, splits swapped)        autograd: backward swaps them back
     combine         y[t] = sum_j weights[t, j] * y_sorted[slot_to_sorted[t*k + j]]
 
-With ``capacity_per_peer=B`` the two data all-to-alls use equal chunks of ``B`` rows
-per (source, destination) pair instead: no host read at all, at the price of
-``W * B`` rows per buffer (see :class:`ExpertParallelDMoE`).
+The exchange itself lives in :mod:`.dispatch` (shared with the Hugging Face
+integration); with ``capacity_per_peer=B`` it uses equal chunks of ``B`` rows per
+(source, destination) pair instead: no host read at all.
+
+In a data-parallel x expert-parallel job (``group`` a ``DeviceMesh`` with dims
+``("dp", "ep")``), the layer's all-to-alls run over ``ep``; the gradients are then
+reduced by :func:`~blocksparse_moe.parallel.reduce_gradients` (experts over ``dp``,
+everything else over ``dp x ep``).
 """
 
 from __future__ import annotations
@@ -31,17 +36,22 @@ from torch import nn
 
 from .. import ops
 from ..config import MoEConfig
+from ..functional import routed_ffn
 from ..layers import add_expert_parameters
 from ..routing import RoutingPlan, plan_routing
-from ..topology import Topology, build_topology
 from .checks import check_same_config
-from .collectives import CollectiveError, Communicator, PeerFailedError, all_to_all
+from .collectives import Communicator
+from .dispatch import OVERFLOW_POLICIES, TokenExchange
+from .groups import ExpertParallelGroups, resolve_groups
+from .load_stats import ExpertLoadTracker
+from .placement import ExpertPlacement, as_placement
 from .stats import AllToAllStats, CapacityOverflowError, ExpertParallelAux
+from .units import ExpertShard
 
 __all__ = ["AllToAllStats", "CapacityOverflowError", "ExpertParallelAux", "ExpertParallelDMoE", "sync_router_grads"]
 
 _counter = itertools.count()
-OVERFLOW_POLICIES = ("error", "drop")
+EXPERT_PARAMS = ("w1", "w2", "v1")
 
 
 def _truncate_plan(plan: RoutingPlan, num_experts: int) -> RoutingPlan:
@@ -59,41 +69,51 @@ def _truncate_plan(plan: RoutingPlan, num_experts: int) -> RoutingPlan:
 
 
 class ExpertParallelDMoE(nn.Module):
-    """Dropless MoE whose ``E`` experts are split evenly over the ranks of ``group``.
+    """Dropless MoE whose ``E`` experts are placed over the ranks of an expert-parallel group.
 
     Parameters (same names as :class:`~blocksparse_moe.dMoE`, so state dicts map):
     ``router.weight [E, H]`` replicated on every rank; ``w1 [E_l, H, ffn]``,
-    ``w2 [E_l, ffn, H]``, ``v1 [E_l, H, ffn]`` (GLU) holding the global experts
-    :attr:`expert_range`. Use :func:`~blocksparse_moe.parallel.shard_state_dict`
-    and :func:`~blocksparse_moe.parallel.gather_state_dict` to move between a full
-    (single-process) state dict and the shards, or :meth:`from_dmoe`.
+    ``w2 [E_l, ffn, H]``, ``v1 [E_l, H, ffn]`` (GLU), where ``w1[i]`` is global expert
+    :attr:`local_experts` ``[i]``. Use :func:`~blocksparse_moe.parallel.shard_state_dict`
+    / :func:`~blocksparse_moe.parallel.gather_state_dict`, :meth:`from_dmoe`, or the
+    resharding checkpoints :func:`~blocksparse_moe.parallel.save_sharded` /
+    :func:`~blocksparse_moe.parallel.load_sharded`.
 
     Every rank of the group must construct the layer (the constructor checks that
     the configurations agree, a collective) and run each forward and backward.
 
     Args:
         config: the layer's :class:`~blocksparse_moe.MoEConfig`, the same on every
-            rank except ``device``; ``num_experts`` must be divisible by the group size.
-        group: the expert-parallel process group; ``None`` is the default group.
+            rank except ``device``.
+        group: where the experts live: ``None`` (the default group), a
+            ``ProcessGroup`` (expert parallelism only), a ``DeviceMesh`` with dims
+            ``("dp", "ep")`` (experts sharded over ``ep``, replicated over ``dp``) or
+            ``("ep",)``, a pair ``(ep_group, dp_group)``, or an
+            :class:`~blocksparse_moe.parallel.ExpertParallelGroups`.
+        placement: which ``ep`` rank holds which expert: ``None`` (contiguous, the
+            first ``E % W`` ranks one more), an
+            :class:`~blocksparse_moe.parallel.ExpertPlacement`, or the owner rank of
+            each expert. Checked before any collective.
         capacity_per_peer: ``None`` (default): exact variable-size all-to-alls, which
             read the counts on the host once per forward. An int ``B``: the
             fixed-capacity mode: every (source, destination) pair exchanges a chunk
             of exactly ``B`` rows, so no count ever reaches the host. Memory: the
             send, receive and return buffers hold ``W * B`` rows each on every rank
-            (instead of about ``T * k``), and the received rows' topology is sized for
-            ``W * B`` rows. ``B = T_max * min(k, E_l)`` (``T_max`` the most tokens a
-            rank holds) can never overflow.
+            (instead of about ``T * k``). ``B = T_max * min(k, E_max)`` (``T_max`` the
+            most tokens a rank holds, ``E_max`` the most experts a rank holds) can
+            never overflow.
         capacity_overflow: what the fixed-capacity mode does when a pair has more than
             ``B`` rows: ``"error"`` (default; on CPU a :class:`CapacityOverflowError`
-            on every rank, on an accelerator a device-side assertion, which needs no
-            host read but is fatal to the CUDA context) or ``"drop"`` (the rows past
-            ``B`` in expert order are dropped, counted in ``aux.dropped_tokens``).
+            on every rank, on an accelerator a device-side assertion) or ``"drop"``
+            (the rows past ``B`` in placement order are dropped, counted in
+            ``aux.dropped_tokens``).
         timeout: the longest any one collective of this layer may wait before it
             raises :class:`CollectiveError` (gloo); ``None`` uses the group's timeout.
-        name: the layer's name in error messages (default ``ExpertParallelDMoE#<n>``;
-            give the module path, e.g. ``"blocks.3.moe"``).
-        sync_router_init: broadcast the router weight from the group's rank 0 after
-            initialisation, so every rank starts from the same router.
+        name: the layer's name in error messages and statistics (default
+            ``ExpertParallelDMoE#<n>``; give the module path, e.g. ``"blocks.3.moe"``).
+        sync_router_init: after initialisation, broadcast the router from rank 0 of
+            ``dp x ep`` and the expert shards from rank 0 of ``dp``, so that every
+            replica starts identical.
     """
 
     def __init__(
@@ -101,6 +121,7 @@ class ExpertParallelDMoE(nn.Module):
         config: MoEConfig,
         group=None,
         *,
+        placement=None,
         capacity_per_peer: Optional[int] = None,
         capacity_overflow: str = "error",
         timeout: Optional[datetime.timedelta] = None,
@@ -121,25 +142,32 @@ class ExpertParallelDMoE(nn.Module):
         self.capacity_per_peer = capacity_per_peer
         self.capacity_overflow = capacity_overflow
         self.sync_router_init = sync_router_init
-        self.comm = Communicator(group, self.name, timeout)
+        # Local checks first (a mesh without "ep", a bad placement): no collective yet,
+        # so every rank given the same arguments raises the same error at once.
+        self.groups: ExpertParallelGroups = resolve_groups(group, what=f"group of layer {self.name!r}")
+        self.comm = Communicator(self.groups.ep, self.name, timeout)
+        self.placement: ExpertPlacement = as_placement(
+            placement, config.num_experts, self.comm.world_size, what=f"placement of layer {self.name!r}"
+        )
+        self._replicated = Communicator(self.groups.replicated, self.name, timeout)
+        self._dp = None if self.groups.dp is None else Communicator(self.groups.dp, self.name, timeout)
         # Collective, before anything is allocated: every rank raises the same error.
         check_same_config(
-            self.comm, config, extra={"capacity_per_peer": capacity_per_peer, "capacity_overflow": capacity_overflow}
-        )
-        W, E = self.comm.world_size, config.num_experts
-        if E % W:
-            raise ValueError(
-                f"expert-parallel layer {self.name!r}: num_experts={E} is not divisible by the expert-parallel "
-                f"world size {W}; each rank must own the same number of experts (choose E a multiple of {W})"
-            )
-        self.num_local_experts = E // W
-        self.expert_offset = self.comm.rank * self.num_local_experts
+            self.comm, config,
+            extra={"capacity_per_peer": capacity_per_peer, "capacity_overflow": capacity_overflow,
+                   "placement": self.placement.owners, "dp_size": self.groups.dp_size},
+        )  # fmt: skip
+        self.exchange = TokenExchange(self.comm, self.placement, capacity_per_peer, capacity_overflow)
+        self.local_experts = self.placement.experts_of(self.comm.rank)
+        self.num_local_experts = len(self.local_experts)
+        self.load_tracker = ExpertLoadTracker(self.placement, self.comm.rank)
         add_expert_parameters(self, config, self.num_local_experts)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ properties
     @property
     def group(self):
+        """The expert-parallel process group (the all-to-alls run here)."""
         return self.comm.group
 
     @property
@@ -149,29 +177,50 @@ class ExpertParallelDMoE(nn.Module):
 
     @property
     def world_size(self) -> int:
+        """The expert-parallel group size."""
         return self.comm.world_size
 
     @property
+    def expert_offset(self) -> int:
+        """The first global expert of a contiguous placement (see :attr:`expert_range`)."""
+        return self.expert_range.start
+
+    @property
     def expert_range(self) -> range:
-        """The global expert ids whose weights this rank holds (``w1[i]`` is expert ``expert_range[i]``)."""
-        return range(self.expert_offset, self.expert_offset + self.num_local_experts)
+        """The global experts this rank holds, as a range; only for a contiguous placement."""
+        if not self.placement.is_contiguous:
+            raise ValueError(
+                f"expert-parallel layer {self.name!r}: expert_range needs a contiguous placement, this one is "
+                f"{self.placement.describe()}; use local_experts (global id of each local expert) instead"
+            )
+        start = self.placement.rank_offsets[self.rank]
+        return range(start, start + self.num_local_experts)
 
     @property
     def expert_slice(self) -> slice:
-        return slice(self.expert_offset, self.expert_offset + self.num_local_experts)
+        r = self.expert_range
+        return slice(r.start, r.stop)
+
+    def expert_shard(self, name: str = "") -> ExpertShard:
+        """This layer's expert tensors for the gradient, norm, checkpoint and statistics helpers."""
+        return ExpertShard(
+            name=name, module=self, param_names=EXPERT_PARAMS, placement=self.placement, rank=self.rank,
+            groups=self.groups, comm=self.comm, tracker=self.load_tracker,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         c = self.config
         mode = "variable" if self.capacity_per_peer is None else f"capacity_per_peer={self.capacity_per_peer}"
+        dp = f", dp={self.groups.dp_size}" if self.groups.dp is not None else ""
         return (
             f"name={self.name!r}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, experts={c.num_experts} "
-            f"({self.num_local_experts} on rank {self.rank} of {self.world_size}: {self.expert_range.start}.."
-            f"{self.expert_range.stop - 1}), top_k={c.top_k}, glu={c.glu}, all_to_all={mode}"
+            f"({self.num_local_experts} on rank {self.rank} of {self.world_size}: {list(self.local_experts)}){dp}, "
+            f"top_k={c.top_k}, glu={c.glu}, all_to_all={mode}"
         )
 
     # ------------------------------------------------------------------ parameters
     def reset_parameters(self) -> None:
-        """Normal(0, ``init_std``) weights; with ``sync_router_init`` the router is then broadcast (a collective)."""
+        """Normal(0, ``init_std``) weights; with ``sync_router_init`` the replicas are then synced (collectives)."""
         std = self.config.init_std
         for p in (self.w1, self.w2, self.v1):
             if p is not None:
@@ -179,20 +228,25 @@ class ExpertParallelDMoE(nn.Module):
         self.router.reset_parameters()
         if self.sync_router_init:
             self.broadcast_router()
+            if self._dp is not None:
+                with torch.no_grad():
+                    for p in (self.w1, self.w2, self.v1):
+                        if p is not None:
+                            self._dp.broadcast_(p.data, "expert broadcast over dp")
 
     @torch.no_grad()
     def broadcast_router(self, src: int = 0) -> None:
-        """Copy the router (weight and selection bias) from group rank ``src`` to every rank."""
-        self.comm.broadcast_(self.router.weight.data, "router broadcast", src)
+        """Copy the router (weight and selection bias) from rank ``src`` of ``dp x ep`` to every rank."""
+        self._replicated.broadcast_(self.router.weight.data, "router broadcast", src)
         if self.router.selection_bias is not None:
-            self.comm.broadcast_(self.router.selection_bias, "router broadcast", src)
+            self._replicated.broadcast_(self.router.selection_bias, "router broadcast", src)
 
     @classmethod
     def from_dmoe(cls, layer, group=None, **kwargs) -> "ExpertParallelDMoE":
         """This rank's shard of a full :class:`~blocksparse_moe.dMoE` (the same on every rank).
 
         Handy for tests and small models; a large model loads a sharded checkpoint
-        instead (:func:`~blocksparse_moe.parallel.shard_state_dict`).
+        instead (:func:`~blocksparse_moe.parallel.load_sharded`).
         """
         kwargs.setdefault("sync_router_init", False)
         ep = cls(layer.config, group, **kwargs)
@@ -202,14 +256,15 @@ class ExpertParallelDMoE(nn.Module):
         return ep
 
     def sync_router_grad(self, op: str = "sum") -> None:
-        """All-reduce the replicated router's gradient over the group (a collective; call on every rank).
+        """All-reduce the replicated router's gradient over the expert-parallel group (a collective).
 
         After backward, rank ``r``'s router gradient holds only the contribution of
         its own tokens. ``"sum"`` makes every rank's gradient that of the sum of the
         ranks' losses, the gradient a single process holding all the tokens would
         get (the expert weights' gradients already are: they see every rank's
-        tokens). ``"mean"`` divides by the group size. Skip it when something else
-        (e.g. DDP over a group that contains these ranks) reduces the router already.
+        tokens). ``"mean"`` divides by the group size. With data parallelism use
+        :func:`~blocksparse_moe.parallel.reduce_gradients` instead (it reduces over
+        ``dp x ep``).
         """
         if op not in ("sum", "mean"):
             raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
@@ -221,14 +276,14 @@ class ExpertParallelDMoE(nn.Module):
         p.grad = grad
 
     def update_selection_bias(self, tokens_per_expert: torch.Tensor, rate: float | None = None, reduce: bool = True):
-        """The router's bias step on the group's load: ``tokens_per_expert`` is summed over ranks first.
+        """The router's bias step on the job's load: ``tokens_per_expert`` is summed over ``dp x ep`` first.
 
         With ``reduce=True`` (a collective) every rank applies the same step, so the
         replicated bias stays identical.
         """
         load = tokens_per_expert.detach().to(torch.int64).clone()
         if reduce:
-            self.comm.all_reduce_(load, "selection-bias load all-reduce")
+            self._replicated.all_reduce_(load, "selection-bias load all-reduce")
         self.router.update_selection_bias(load, rate)
 
     # ------------------------------------------------------------------ forward
@@ -258,203 +313,54 @@ class ExpertParallelDMoE(nn.Module):
                 raise TypeError(f"return_aux must be a bool, got {return_aux!r}")
             self._check_input(x)
             x2 = x.reshape(-1, cfg.hidden_size)
-            backend = ops.resolve_backend(cfg.backend, x2.device)
+            # gather/combine around the exchange; the local experts resolve their own backend
+            backend = ops.resolve_backend(cfg.backend, x2.device, x2.dtype, cfg.num_experts, cfg.ffn_hidden_size)
             route = self.router(x2)
-            plan = plan_routing(route.expert_ids, cfg.num_experts)
+            plan = self.exchange.plan(route.expert_ids)
         except Exception:
-            self._abort_forward()
+            self.exchange.announce_failure(self.w1.device)
             raise
         # A zero-size leaf that requires grad: both all-to-alls then take part in
         # backward on every rank, even one whose x and weights need no gradient.
         anchor = x2.new_zeros(0).requires_grad_() if torch.is_grad_enabled() else None
-        if self.capacity_per_peer is None:
-            out, local_counts, stats = self._forward_variable(x2, route, plan, backend, anchor)
-            dropped = torch.zeros((), dtype=torch.int64, device=x2.device)
-        else:
-            out, local_counts, stats, dropped = self._forward_capacity(x2, route, plan, backend, anchor)
-        out = out.reshape(x.shape)
+        res = self.exchange.run(x2, plan, route.weights, self._experts_on_received, backend, anchor)
+        self.load_tracker.record(
+            res.tokens_per_expert, res.tokens_per_local_expert, res.rows_sent, res.rows_received, res.dropped,
+            res.stats,
+        )  # fmt: skip
+        out = res.out.reshape(x.shape)
         if not return_aux:
             return out
-        lb, z = self.router.losses(route, plan.tokens_per_expert)
+        lb, z = self.router.losses(route, res.tokens_per_expert)
         aux = ExpertParallelAux(
             load_balancing_loss=lb,
             z_loss=z,
-            tokens_per_expert=plan.tokens_per_expert,
-            dropped_tokens=dropped,
+            tokens_per_expert=res.tokens_per_expert,
+            dropped_tokens=res.dropped,
             expert_ids=route.expert_ids,
             expert_weights=route.weights,
-            tokens_per_local_expert=local_counts,
-            all_to_all=stats,
+            tokens_per_local_expert=res.tokens_per_local_expert,
+            all_to_all=res.stats,
         )
         return out, aux
 
-    def _abort_forward(self) -> None:
-        """Join the count exchange with -1 counts, so the peers raise PeerFailedError instead of waiting."""
-        W, El, dev = self.world_size, self.num_local_experts, self.w1.device
-        shape = (W * El,) if self.capacity_per_peer is None else (W, El + 1)
-        send = torch.full(shape, -1, dtype=torch.int64, device=dev)
-        try:
-            self.comm.wait(
-                self.comm.start_all_to_all(torch.empty_like(send), send, "count exchange (announcing a failure)"),
-                "count exchange (announcing a failure)",
-            )
-        except CollectiveError:
-            pass  # the original error is the one to report
-
-    def _peer_failed(self, failed: list) -> PeerFailedError:
-        return PeerFailedError(
-            f"expert-parallel layer {self.name!r}: rank(s) {failed} of the group failed before the token "
-            f"dispatch (bad input or a routing error; see that rank's own error). Rank {self.rank} leaves this "
-            "forward too; the process group is still usable."
-        )
-
-    def _forward_variable(self, x, route, plan: RoutingPlan, backend: str, anchor):
-        comm, W, El, E = self.comm, self.world_size, self.num_local_experts, self.config.num_experts
-        dev = x.device
-        # 1. Counts: rank p gets the El counts of its experts; we get ours from every rank.
-        send_counts = plan.tokens_per_expert.to(torch.int64)  # [E] = [W, El] by destination
-        recv_counts = torch.empty_like(send_counts)  # [W * El] = [W, El] by source
-        work = comm.start_all_to_all(recv_counts, send_counts, "count exchange (all_to_all_single)")
-        # 2. The local permutation runs while the counts travel (gloo: its own thread;
-        #    NCCL: its own stream, the gather is queued on the compute stream meanwhile).
-        x_sorted = ops.gather(x, plan, backend)
-        comm.wait(work, "count exchange (all_to_all_single)")
-        # 3. The one host read of the forward: both count vectors in one transfer.
-        counts = torch.cat([send_counts, recv_counts]).tolist()
-        failed = [s for s in range(W) if counts[E + s * El] < 0]
-        if failed:
-            raise self._peer_failed(failed)
-        send_rows = [sum(counts[p * El : (p + 1) * El]) for p in range(W)]
-        recv_rows = [sum(counts[E + s * El : E + (s + 1) * El]) for s in range(W)]
-        # 4. Dispatch: rows sorted by global expert are already grouped by destination rank.
-        x_recv = all_to_all(x_sorted, comm, "token dispatch (all_to_all_single)", recv_rows, send_rows, anchor)
-        # 5. Regroup by local expert: received rows come source-major, [s][l] blocks.
-        n_recv = sum(recv_rows)
-        local_ids = torch.repeat_interleave(
-            torch.arange(El, device=dev).repeat(W), recv_counts.to(dev), output_size=n_recv
-        )
-        local_plan = plan_routing(local_ids.view(-1, 1), El, validate_ids=False)
-        topo = build_topology(local_plan, self.config.ffn_hidden_size, self.config.block_size)
-        y_recv = self._local_experts(x_recv, local_plan, topo, backend, padded=False)
-        # 6. Return: the same splits, swapped; 7. combine with the routing weights.
-        y_sorted = all_to_all(y_recv, comm, "result return (all_to_all_single)", send_rows, recv_rows)
-        out = ops.combine(y_sorted, plan, route.weights, backend)
-        row_bytes = x.shape[1] * x.element_size()
-        r = self.rank
-        remote_sent = sum(send_rows) - send_rows[r] + sum(recv_rows) - recv_rows[r]
-        remote_recv = sum(recv_rows) - recv_rows[r] + sum(send_rows) - send_rows[r]
-        stats = AllToAllStats(
-            send_rows=send_rows,
-            recv_rows=recv_rows,
-            bytes_sent=remote_sent * row_bytes,
-            bytes_received=remote_recv * row_bytes,
-            count_bytes=(W - 1) * El * send_counts.element_size(),
-        )
-        return out, local_plan.tokens_per_expert, stats
-
-    def _forward_capacity(self, x, route, plan: RoutingPlan, backend: str, anchor):
-        comm, W, El, E = self.comm, self.world_size, self.num_local_experts, self.config.num_experts
-        B, dev, H = self.capacity_per_peer, x.device, x.shape[1]
-        S = plan.num_slots
-        i64 = dict(dtype=torch.int64, device=dev)
-        # 1. Counts plus each source's largest chunk, one equal-split exchange: every
-        #    rank learns every source's largest chunk, so all agree on an overflow.
-        send_counts = plan.tokens_per_expert.to(torch.int64).view(W, El)
-        largest = send_counts.sum(1).max().reshape(1, 1).expand(W, 1)
-        payload = torch.cat([send_counts, largest], 1).contiguous()  # [W, El + 1]
-        recv_payload = torch.empty_like(payload)
-        work = comm.start_all_to_all(recv_payload, payload, "count exchange (all_to_all_single)")
-        # 2. Meanwhile: the padded send buffer, chunk p = rows for rank p, B rows each.
-        x_sorted = ops.gather(x, plan, backend)
-        dest = plan.sorted_expert.long() // El  # [S] destination rank of each sorted row
-        first = plan.expert_offsets.long()[0:E:El]  # [W] first sorted row for each rank
-        rank_in_chunk = torch.arange(S, **i64) - first[dest]
-        keep = rank_in_chunk < B
-        pos = torch.where(keep, dest * B + rank_in_chunk, torch.full_like(dest, W * B))  # W*B: dropped
-        x_send = x_sorted.new_zeros(W * B + 1, H).index_copy(0, pos, x_sorted)[: W * B]
-        comm.wait(work, "count exchange (all_to_all_single)")
-        recv_counts = recv_payload[:, :El]  # [W, El] rows from source s for local expert l
-        self._check_peers(recv_payload)
-        self._check_overflow(recv_payload[:, El].max())
-        # 3. Dispatch, equal chunks: no split sizes, so nothing is read on the host.
-        x_recv = all_to_all(x_send, comm, "token dispatch (fixed capacity, all_to_all_single)", anchor=anchor)
-        # 4. Regroup: row q of chunk s belongs to local expert searchsorted(cumsum, q);
-        #    El marks padding (and rows a "drop" source did not send).
-        cum = recv_counts.cumsum(1)
-        q = torch.arange(B, **i64).expand(W, B).contiguous()
-        local_ids = torch.searchsorted(cum, q, right=True).view(-1, 1)
-        valid = (local_ids < El).view(-1, 1)
-        x_recv = torch.where(valid, x_recv, x_recv.new_zeros(()))  # padding rows: no value, no gradient
-        local_plan = _truncate_plan(plan_routing(local_ids, El + 1, validate_ids=False), El)
-        topo = build_topology(local_plan, self.config.ffn_hidden_size, self.config.block_size)
-        y_recv = self._local_experts(x_recv, local_plan, topo, backend, padded=True)
-        # 5. Return, equal chunks; 6. combine: slot -> padded row (dropped: a zero row).
-        y_back = all_to_all(y_recv, comm, "result return (fixed capacity, all_to_all_single)")
-        y_ext = torch.cat([y_back, y_back.new_zeros(1, H)])
-        rows = y_ext[pos[plan.slot_to_sorted.long()]].view(plan.num_tokens, plan.top_k, H)
-        acc = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows  # as combine
-        out = (acc * route.weights.to(acc.dtype)[..., None]).sum(1).to(x.dtype)
-        chunk_bytes = B * H * x.element_size()
-        stats = AllToAllStats(
-            send_rows=None,
-            recv_rows=None,
-            bytes_sent=2 * (W - 1) * chunk_bytes,
-            bytes_received=2 * (W - 1) * chunk_bytes,
-            count_bytes=(W - 1) * (El + 1) * payload.element_size(),
-        )
-        return out, local_plan.tokens_per_expert, stats, (~keep).sum()
-
-    def _check_peers(self, recv_payload: torch.Tensor) -> None:
-        """Fixed-capacity mode: a peer that failed sent -1s (on CPU a free read; elsewhere an assertion)."""
-        if recv_payload.device.type == "cpu":
-            failed = [s for s, v in enumerate(recv_payload[:, 0].tolist()) if v < 0]
-            if failed:
-                raise self._peer_failed(failed)
+    def _experts_on_received(self, x_recv: torch.Tensor, local_ids: torch.Tensor, padded: bool) -> torch.Tensor:
+        """The exchange's expert function: group the received rows by local expert and run them."""
+        El = self.num_local_experts
+        if padded:  # id El marks padding rows: a plan over El + 1 experts, the last one cut off
+            plan = _truncate_plan(plan_routing(local_ids.view(-1, 1), El + 1, validate_ids=False), El)
         else:
-            torch._assert_async(
-                recv_payload.min() >= 0, f"expert-parallel layer {self.name!r}: a peer's forward failed"
-            )
+            plan = plan_routing(local_ids.view(-1, 1), El, validate_ids=False)
+        return self._local_experts(x_recv, plan, padded)
 
-    def _check_overflow(self, largest: torch.Tensor) -> None:
-        if self.capacity_overflow == "drop":
-            return
-        B = self.capacity_per_peer
-        if largest.device.type == "cpu":
-            # A host read, but a free one on CPU; every rank holds the same value.
-            m = int(largest)
-            if m > B:
-                raise CapacityOverflowError(
-                    f"expert-parallel layer {self.name!r}: a rank has {m} rows for one peer but "
-                    f"capacity_per_peer={B}; raise it to at least {m} (T_max * min(top_k, experts per rank) "
-                    "never overflows), or pass capacity_overflow='drop'"
-                )
-        else:
-            torch._assert_async(
-                largest <= B, f"expert-parallel layer {self.name!r}: rows for one peer exceed capacity_per_peer"
-            )
-
-    def _local_experts(self, x_recv, plan: RoutingPlan, topo: Topology, backend: str, padded: bool):
+    def _local_experts(self, x_recv, plan: RoutingPlan, padded: bool):
         """Every local expert's FFN over the received rows, back in received order (unweighted)."""
-        w1, w2, v1, act = self.w1, self.w2, self.v1, self.activation
-        xs = ops.gather(x_recv, plan, backend)
-        h1 = ops.sdd(xs, w1, topo, backend)
-        h3 = None if v1 is None else ops.sdd(xs, v1, topo, backend)
-        if self.config.recompute_activation:
-            from ..layers import _ActThenDown  # the single-process layer's node: same numbers
-
-            ys = _ActThenDown.apply(h1, h3, w2, act, topo, backend)
-        else:
-            h = act(h1) if h3 is None else act(h1) * h3
-            ys = ops.dsd(h, w2, topo, backend)
-        if padded:
-            # Padding rows (sorted last) belong to no expert: the torch backend returns
-            # only the real rows, the Triton dsd leaves the rest unwritten.
-            S = plan.num_slots
-            if ys.shape[0] < S:
-                ys = torch.cat([ys, ys.new_zeros(S - ys.shape[0], ys.shape[1])])
-            real = torch.arange(S, device=ys.device) < plan.expert_offsets[-1]
-            ys = torch.where(real[:, None], ys, ys.new_zeros(()))
-        return ops.combine(ys, plan, None, backend)
+        cfg = self.config
+        # cfg.activation, not self.activation: a name lets the grouped backend fuse it.
+        return routed_ffn(
+            x_recv, plan, None, self.w1, self.w2, self.v1, cfg.activation, backend=cfg.backend,
+            block_size=cfg.block_size, recompute=cfg.recompute_activation, padded=padded,
+        )  # fmt: skip
 
 
 def sync_router_grads(model: nn.Module, op: str = "sum") -> None:

@@ -2,14 +2,17 @@
 
 Keys do not change: :class:`~blocksparse_moe.parallel.ExpertParallelDMoE` names its
 parameters like :class:`~blocksparse_moe.dMoE` (``router.weight``, ``w1``, ``w2``,
-``v1``). Only the expert tensors change shape: rank ``r`` of ``W`` holds rows
-``r * E/W .. (r+1) * E/W - 1`` of dimension 0 of ``w1``, ``w2`` and ``v1``, that is
-the global experts :func:`expert_range` ``(r, W, E)``; everything else (the
-router, and any non-MoE parameter) is replicated and copied as is.
+``v1``), and a Hugging Face experts module sharded by ``expert_parallel`` keeps its
+own names. Only the expert tensors change shape: rank ``r`` holds the rows
+``placement.experts_of(r)`` of dimension 0, in that (ascending) order; everything
+else (the router, any non-MoE parameter) is replicated and copied as is.
 
 ``shard_state_dict(full, model)`` -> this rank's dict, for ``model.load_state_dict``.
 ``gather_state_dict(model)``     -> the full dict again (collective; on every rank
 or on one ``dst``), loadable into a single-process model.
+
+For checkpoints that outlive the layout (any placement, any degree, optimizer state
+included) use :func:`~blocksparse_moe.parallel.save_sharded` / ``load_sharded``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer import ExpertParallelDMoE
+from .placement import ExpertPlacement
+from .units import expert_shards
 
 __all__ = ["EXPERT_PARAMS", "expert_range", "shard_state_dict", "gather_state_dict"]
 
@@ -28,25 +32,26 @@ EXPERT_PARAMS = ("w1", "w2", "v1")
 
 
 def expert_range(rank: int, world_size: int, num_experts: int) -> range:
-    """The global expert ids that rank ``rank`` of ``world_size`` owns."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    if num_experts % world_size:
-        raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel world size {world_size}")
-    n = num_experts // world_size
-    return range(rank * n, (rank + 1) * n)
+    """The global expert ids that rank ``rank`` of ``world_size`` holds under the default contiguous placement."""
+    if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    pl = ExpertPlacement.contiguous(num_experts, world_size)
+    return range(pl.rank_offsets[rank], pl.rank_offsets[rank + 1])
 
 
-def _ep_layers(model: nn.Module) -> dict[str, ExpertParallelDMoE]:
-    """State-dict prefix (``""`` or ``"a.b."``) -> expert-parallel layer."""
-    return {(name + "." if name else ""): m for name, m in model.named_modules() if isinstance(m, ExpertParallelDMoE)}
+def _rows(value: torch.Tensor, experts: tuple, placement: ExpertPlacement, key: str) -> torch.Tensor:
+    E = placement.num_experts
+    if value.dim() == 0 or value.shape[0] != E:
+        raise ValueError(f"{key}: expected the full tensor of {E} experts in dimension 0, got shape {tuple(value.shape)}")
+    if placement.is_contiguous:  # a view: load_state_dict copies
+        start = experts[0] if experts else 0
+        return value[start : start + len(experts)]
+    return value[torch.tensor(experts, dtype=torch.long, device=value.device)]
 
 
-def _owner(key: str, layers: dict[str, ExpertParallelDMoE]) -> Optional[ExpertParallelDMoE]:
-    for prefix, layer in layers.items():
-        if key.startswith(prefix) and key[len(prefix) :] in EXPERT_PARAMS:
-            return layer
-    return None
+def _shard_keys(model: nn.Module) -> dict:
+    """State-dict key of every expert tensor -> its :class:`ExpertShard`."""
+    return {s.fqn(attr): s for s in expert_shards(model) for attr, _ in s.params()}
 
 
 def shard_state_dict(
@@ -56,37 +61,30 @@ def shard_state_dict(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     expert_keys: Optional[Iterable[str]] = None,
+    placement: Optional[ExpertPlacement] = None,
 ) -> dict:
-    """This rank's state dict from a full one: expert tensors sliced to the rank's experts.
+    """This rank's state dict from a full one: expert tensors cut to the experts the rank holds.
 
     Args:
         full_state_dict: a single-process state dict (e.g. of a model whose MoE
             layers are :class:`~blocksparse_moe.dMoE`), expert tensors ``[E, ...]``.
-        model: the expert-parallel model that will load the result; its
-            :class:`ExpertParallelDMoE` layers say which keys are expert tensors and
-            which experts this rank owns.
-        rank, world_size, expert_keys: without ``model`` (offline, e.g. to write one
-            checkpoint file per rank): the rank to shard for, the group size, and the
-            expert keys (default: every key whose last component is ``w1``, ``w2``
-            or ``v1``).
+        model: the expert-parallel model that will load the result; its expert-parallel
+            layers say which keys are expert tensors and which experts this rank holds.
+        rank, world_size, expert_keys, placement: without ``model`` (offline, e.g. to
+            write one file per rank): the rank to shard for, the group size, the expert
+            keys (default: every key whose last component is ``w1``, ``w2`` or ``v1``)
+            and the placement (default contiguous).
 
-    The slices are views of ``full_state_dict``'s tensors (``load_state_dict`` copies).
+    Contiguous placements give views of ``full_state_dict``'s tensors (``load_state_dict`` copies).
     """
     out = {}
     if model is not None:
-        layers = _ep_layers(model)
-        if not layers:
-            raise ValueError("model holds no ExpertParallelDMoE layer; nothing to shard")
+        shards = _shard_keys(model)
+        if not shards:
+            raise ValueError("model holds no expert-parallel layer; nothing to shard")
         for key, value in full_state_dict.items():
-            layer = _owner(key, layers)
-            if layer is not None:
-                E = layer.config.num_experts
-                if value.shape[0] != E:
-                    raise ValueError(
-                        f"{key}: expected the full tensor of {E} experts in dimension 0, got shape {tuple(value.shape)}"
-                    )
-                value = value[layer.expert_slice]
-            out[key] = value
+            s = shards.get(key)
+            out[key] = value if s is None else _rows(value, s.local_experts, s.placement, key)
         return out
     if rank is None or world_size is None:
         raise ValueError("without a model, pass rank and world_size")
@@ -96,8 +94,10 @@ def shard_state_dict(
         keys = {k for k in full_state_dict if k.rsplit(".", 1)[-1] in EXPERT_PARAMS}
     for key, value in full_state_dict.items():
         if key in keys:
-            owned = expert_range(rank, world_size, value.shape[0])
-            value = value[owned.start : owned.stop]
+            pl = placement if placement is not None else ExpertPlacement.contiguous(value.shape[0], world_size)
+            if pl.world_size != world_size:
+                raise ValueError(f"placement is for world_size={pl.world_size}, got world_size={world_size}")
+            value = _rows(value, pl.experts_of(rank), pl, key)
         out[key] = value
     return out
 
@@ -105,33 +105,46 @@ def shard_state_dict(
 def gather_state_dict(model: nn.Module, dst: Optional[int] = None) -> Optional[dict]:
     """The full single-process state dict of an expert-parallel model (a collective: call on every rank).
 
-    Expert tensors are gathered over each layer's group and concatenated in rank
-    order, so ``w1[e]`` is global expert ``e`` again; the rest is this rank's copy.
-    ``dst=None``: every rank gets the dict (``all_gather``). ``dst=g``: only group
-    rank ``g`` of each layer's group gets it (``gather``, less memory elsewhere);
-    the others get ``None``. Tensors are detached copies on the parameters' device.
+    Expert tensors are gathered over each layer's expert-parallel group and put back
+    at their global expert ids, so ``w1[e]`` is global expert ``e`` again; the rest is
+    this rank's copy. ``dst=None``: every rank gets the dict (``all_gather``).
+    ``dst=g``: only group rank ``g`` of each layer's group gets it (``gather``, less
+    memory elsewhere); the others get ``None``. Tensors are detached copies.
     """
-    layers = _ep_layers(model)
+    shards = _shard_keys(model)
     local = model.state_dict()
     full: dict = {}
     keep = True
     for key, value in local.items():
-        layer = _owner(key, layers)
-        if layer is None:
+        s = shards.get(key)
+        if s is None:
             full[key] = value.detach().clone()
             continue
-        comm = layer.comm
-        value = value.detach().contiguous()
+        comm, pl = s.comm, s.placement
+        # Ranks hold different numbers of experts: pad to the largest, gather, unpad.
+        most = max(pl.counts)
+        padded = value.detach().new_zeros((most,) + tuple(value.shape[1:]))
+        padded[: value.shape[0]] = value.detach()
         what = f"gather_state_dict({key})"
         try:
             if dst is None:
-                parts = [torch.empty_like(value) for _ in range(comm.world_size)]
-                dist.all_gather(parts, value, group=comm.group)
+                parts = [torch.empty_like(padded) for _ in range(comm.world_size)]
+                work = dist.all_gather(parts, padded, group=comm.group, async_op=True)
             else:
-                parts = [torch.empty_like(value) for _ in range(comm.world_size)] if comm.rank == dst else None
-                dist.gather(value, parts, dst=dist.get_global_rank(comm.group, dst), group=comm.group)
+                parts = [torch.empty_like(padded) for _ in range(comm.world_size)] if comm.rank == dst else None
+                work = dist.gather(padded, parts, dst=dist.get_global_rank(comm.group, dst), group=comm.group,
+                                   async_op=True)  # fmt: skip
                 keep = keep and comm.rank == dst
         except Exception as err:  # noqa: BLE001
             raise comm.error(what, err) from err
-        full[key] = torch.cat(parts) if parts is not None else None
+        comm.wait(work, what)
+        if parts is None:
+            full[key] = None
+            continue
+        out = value.new_empty((pl.num_experts,) + tuple(value.shape[1:]))
+        for r, part in enumerate(parts):
+            ids = pl.experts_of(r)
+            if ids:
+                out[torch.tensor(ids, dtype=torch.long, device=out.device)] = part[: len(ids)]
+        full[key] = out
     return full if keep else None

@@ -1,0 +1,294 @@
+"""The token exchange of an expert-parallel layer: rows to the ranks holding their experts, and back.
+
+:class:`TokenExchange` is the part of a forward that does not depend on what the
+experts are: ``ExpertParallelDMoE`` and the Hugging Face experts modules sharded by
+``expert_parallel`` both use it, each with its own expert function::
+
+    plan(expert_ids)        sort the (token, expert) rows by *placement order*: rank 0's
+                            experts, then rank 1's, ... so each rank's rows are one range
+    run(x, plan, weights, expert_fn, ...)
+      count exchange        all_to_all_single of [counts of p's experts..., one word] per rank p
+      gather                x_sorted (overlapped with the counts)
+      dispatch              all_to_all_single of the rows (variable: uneven splits, read on the
+                            host once; fixed capacity: chunks of B rows, no host read)
+      expert_fn             y_recv = expert_fn(x_recv, local_ids, padded), unweighted
+      return                the same all-to-all with the splits swapped
+      combine               y[t] = sum_j weights[t, j] * y_sorted[slot_to_sorted[t*k + j]]
+
+The extra word per destination is 0 (variable mode) or the source's largest chunk
+(fixed capacity), and ``-1`` when the source failed before the dispatch
+(:meth:`announce_failure`): every rank, even one holding no expert (which receives no
+counts), then learns of the failure in the same exchange and leaves the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .. import ops
+from ..routing import RoutingPlan, _check_id_range, _validate_expert_ids, plan_routing
+from .collectives import Communicator, PeerFailedError, all_to_all
+from .placement import ExpertPlacement
+from .stats import AllToAllStats, CapacityOverflowError
+
+__all__ = ["ExchangeResult", "TokenExchange", "OVERFLOW_POLICIES"]
+
+OVERFLOW_POLICIES = ("error", "drop")
+# expert_fn(x_recv [N, H], local_ids [N] int64, padded) -> y_recv [N, H]: the rows of local
+# expert local_ids[i] through that expert, unweighted; with padded=True, ids equal to the
+# number of local experts mark padding rows, which must come back as zeros.
+ExpertFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+@dataclass
+class ExchangeResult:
+    """What one exchange produced: the output, and the counts behind it (device tensors)."""
+
+    out: torch.Tensor  # [T, H]
+    tokens_per_expert: torch.Tensor  # [E] this rank's rows per *global* expert
+    tokens_per_local_expert: torch.Tensor  # [E_l] rows this rank's experts computed
+    rows_sent: torch.Tensor  # [W] int64
+    rows_received: torch.Tensor  # [W] int64
+    dropped: torch.Tensor  # [] int64
+    stats: AllToAllStats
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """Index tensors of the placement on one device (built once per device)."""
+
+    position: torch.Tensor  # [E] expert -> placement order
+    owner: torch.Tensor  # [E] placement order -> rank
+    first: torch.Tensor  # [W] first placement-order index of each rank
+    last: torch.Tensor  # [W] one past its last
+    count_pos: torch.Tensor  # [E] placement order -> payload slot
+    extra_pos: torch.Tensor  # [W] rank -> payload slot of its extra word
+
+
+class TokenExchange:
+    """Routes rows between the ranks of ``comm`` according to ``placement``.
+
+    Args:
+        comm: the expert-parallel group, with the layer's name for errors.
+        placement: where each expert lives (the same on every rank).
+        capacity_per_peer / capacity_overflow: the fixed-capacity mode (see
+            :class:`~blocksparse_moe.parallel.ExpertParallelDMoE`).
+    """
+
+    def __init__(
+        self,
+        comm: Communicator,
+        placement: ExpertPlacement,
+        capacity_per_peer: Optional[int] = None,
+        capacity_overflow: str = "error",
+    ):
+        self.comm = comm
+        self.placement = placement
+        self.capacity_per_peer = capacity_per_peer
+        self.capacity_overflow = capacity_overflow
+        self.rank, self.world_size = comm.rank, comm.world_size
+        self.num_local = placement.counts[self.rank]
+        # per destination p: its experts' counts and one extra word (see the module docstring)
+        self.payload_splits = [c + 1 for c in placement.counts]
+        self._tables_by_device: dict = {}
+
+    def tables(self, device: torch.device) -> _Tables:
+        t = self._tables_by_device.get(device)
+        if t is None:
+            pl = self.placement
+            offs = pl.rank_offsets
+            owner = [r for r in range(pl.world_size) for _ in range(pl.counts[r])]
+            as_t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+            t = _Tables(
+                position=as_t(pl.position), owner=as_t(owner), first=as_t(offs[:-1]), last=as_t(offs[1:]),
+                count_pos=as_t([v + owner[v] for v in range(pl.num_experts)]),
+                extra_pos=as_t([offs[p + 1] + p for p in range(pl.world_size)]),
+            )  # fmt: skip
+            self._tables_by_device[device] = t
+        return t
+
+    # ------------------------------------------------------------------ before the first collective
+    def plan(self, expert_ids: torch.Tensor) -> RoutingPlan:
+        """The routing plan over *placement order* (identical to the global plan for a contiguous placement)."""
+        E = self.placement.num_experts
+        if self.placement.is_contiguous:
+            return plan_routing(expert_ids, E)
+        _validate_expert_ids(expert_ids, E)
+        _check_id_range(expert_ids, E, None)
+        order_ids = self.tables(expert_ids.device).position[expert_ids.long()]
+        return plan_routing(order_ids, E, validate_ids=False)
+
+    def global_counts(self, plan: RoutingPlan) -> torch.Tensor:
+        """``plan.tokens_per_expert`` back in global expert order."""
+        if self.placement.is_contiguous:
+            return plan.tokens_per_expert
+        return plan.tokens_per_expert[self.tables(plan.device).position]
+
+    def announce_failure(self, device: torch.device) -> None:
+        """Join the count exchange with -1 everywhere, so the peers raise PeerFailedError instead of waiting."""
+        from .collectives import CollectiveError
+
+        W, El = self.world_size, self.num_local
+        send = torch.full((self.placement.num_experts + W,), -1, dtype=torch.int64, device=device)
+        recv = torch.empty(W * (El + 1), dtype=torch.int64, device=device)
+        what = "count exchange (announcing a failure)"
+        try:
+            self.comm.wait(self.comm.start_all_to_all(recv, send, what, [El + 1] * W, self.payload_splits), what)
+        except CollectiveError:
+            pass  # the original error is the one to report
+
+    def _peer_failed(self, failed: list) -> PeerFailedError:
+        return PeerFailedError(
+            f"expert-parallel layer {self.comm.name!r}: rank(s) {failed} of the group failed before the token "
+            f"dispatch (bad input or a routing error; see that rank's own error). Rank {self.rank} leaves this "
+            "forward too; the process group is still usable."
+        )
+
+    # ------------------------------------------------------------------ the exchange
+    def _exchange_counts(self, send_counts: torch.Tensor, extra: torch.Tensor, t: _Tables):
+        W, El, E = self.world_size, self.num_local, self.placement.num_experts
+        payload = send_counts.new_zeros(E + W)
+        payload.index_copy_(0, t.count_pos, send_counts)
+        payload.index_copy_(0, t.extra_pos, extra.reshape(1).expand(W))
+        recv = send_counts.new_empty(W * (El + 1))
+        what = "count exchange (all_to_all_single)"
+        return recv, self.comm.start_all_to_all(recv, payload, what, [El + 1] * W, self.payload_splits)
+
+    def _count_bytes(self, elem: int) -> int:
+        return sum(self.payload_splits[p] for p in range(self.world_size) if p != self.rank) * elem
+
+    def run(self, x, plan: RoutingPlan, weights, expert_fn: ExpertFn, backend: str, anchor) -> ExchangeResult:
+        """One forward's exchange. A collective: every rank of the group calls it with its own rows."""
+        if self.capacity_per_peer is None:
+            return self._run_variable(x, plan, weights, expert_fn, backend, anchor)
+        return self._run_capacity(x, plan, weights, expert_fn, backend, anchor)
+
+    def _run_variable(self, x, plan, weights, expert_fn, backend, anchor) -> ExchangeResult:
+        comm, W, El, E = self.comm, self.world_size, self.num_local, self.placement.num_experts
+        dev, t = x.device, self.tables(x.device)
+        # 1. Counts (rank p gets its experts' counts from us); 2. the gather meanwhile
+        #    (gloo: the exchange runs on its own thread; NCCL: on its own stream).
+        send_counts = plan.tokens_per_expert.to(torch.int64)  # [E] placement order = by destination
+        recv, work = self._exchange_counts(send_counts, send_counts.new_zeros(()), t)
+        x_sorted = ops.gather(x, plan, backend)
+        comm.wait(work, "count exchange (all_to_all_single)")
+        # 3. The one host read of the forward: both count vectors in one transfer.
+        host = torch.cat([send_counts, recv]).tolist()
+        got = host[E:]
+        failed = [s for s in range(W) if got[s * (El + 1) + El] < 0]
+        if failed:
+            raise self._peer_failed(failed)
+        offs = self.placement.rank_offsets
+        send_rows = [sum(host[offs[p] : offs[p + 1]]) for p in range(W)]
+        recv_rows = [sum(got[s * (El + 1) : s * (El + 1) + El]) for s in range(W)]
+        # 4. Dispatch: rows in placement order are already grouped by destination rank.
+        x_recv = all_to_all(x_sorted, comm, "token dispatch (all_to_all_single)", recv_rows, send_rows, anchor)
+        recv_counts = recv.view(W, El + 1)[:, :El]  # [W, E_l] rows from source s for local expert l
+        if El == 0:
+            y_recv = x_recv * 0  # nothing arrives; keeps the return all-to-all in the graph
+        else:  # 5. received rows come source-major, [s][l] blocks
+            local_ids = torch.repeat_interleave(
+                torch.arange(El, device=dev).repeat(W), recv_counts.reshape(-1).to(dev), output_size=sum(recv_rows)
+            )
+            y_recv = expert_fn(x_recv, local_ids, False)
+        # 6. Return: the same splits, swapped; 7. combine with the routing weights.
+        y_sorted = all_to_all(y_recv, comm, "result return (all_to_all_single)", send_rows, recv_rows)
+        out = ops.combine(y_sorted, plan, weights, backend)
+        row_bytes = x.shape[1] * x.element_size()
+        r = self.rank
+        remote = sum(send_rows) - send_rows[r] + sum(recv_rows) - recv_rows[r]
+        stats = AllToAllStats(
+            send_rows=send_rows, recv_rows=recv_rows, bytes_sent=remote * row_bytes, bytes_received=remote * row_bytes,
+            count_bytes=self._count_bytes(send_counts.element_size()),
+        )  # fmt: skip
+        return ExchangeResult(
+            out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=recv_counts.sum(0),
+            rows_sent=torch.zeros(W, dtype=torch.int64, device=dev).index_add_(0, t.owner, send_counts),
+            rows_received=recv_counts.sum(1), dropped=torch.zeros((), dtype=torch.int64, device=dev), stats=stats,
+        )  # fmt: skip
+
+    def _run_capacity(self, x, plan, weights, expert_fn, backend, anchor) -> ExchangeResult:
+        comm, W, El = self.comm, self.world_size, self.num_local
+        B, dev, H, S = self.capacity_per_peer, x.device, x.shape[1], plan.num_slots
+        t = self.tables(dev)
+        i64 = dict(dtype=torch.int64, device=dev)
+        # 1. Counts plus our largest chunk, so every rank learns every source's largest
+        #    chunk and all agree on an overflow.
+        send_counts = plan.tokens_per_expert.to(torch.int64)
+        eo = plan.expert_offsets.long()
+        first = eo[t.first]  # [W] first sorted row for each destination
+        rows_to = eo[t.last] - first  # [W] rows for each destination
+        recv, work = self._exchange_counts(send_counts, rows_to.max(), t)
+        # 2. Meanwhile: the padded send buffer, chunk p = rows for rank p, B rows each.
+        x_sorted = ops.gather(x, plan, backend)
+        dest = t.owner[plan.sorted_expert.long()]  # [S] destination rank of each sorted row
+        rank_in_chunk = torch.arange(S, **i64) - first[dest]
+        keep = rank_in_chunk < B
+        pos = torch.where(keep, dest * B + rank_in_chunk, torch.full_like(dest, W * B))  # W*B: dropped
+        x_send = x_sorted.new_zeros(W * B + 1, H).index_copy(0, pos, x_sorted)[: W * B]
+        comm.wait(work, "count exchange (all_to_all_single)")
+        got = recv.view(W, El + 1)
+        recv_counts, extra = got[:, :El], got[:, El]  # [W, E_l]; [W] each source's largest chunk
+        self._check_peers(extra)
+        self._check_overflow(extra.max())
+        # 3. Dispatch, equal chunks: no split sizes, so nothing is read on the host.
+        x_recv = all_to_all(x_send, comm, "token dispatch (fixed capacity, all_to_all_single)", anchor=anchor)
+        if El == 0:
+            y_recv = x_recv * 0  # every received row is padding
+            local_counts = torch.zeros(0, **i64)
+        else:
+            # 4. Regroup: row q of chunk s belongs to local expert searchsorted(cumsum, q);
+            #    E_l marks padding (and rows a "drop" source did not send).
+            cum = recv_counts.cumsum(1)
+            q = torch.arange(B, **i64).expand(W, B).contiguous()
+            local_ids = torch.searchsorted(cum, q, right=True).view(-1)
+            valid = (local_ids < El).view(-1, 1)
+            x_recv = torch.where(valid, x_recv, x_recv.new_zeros(()))  # padding rows: no value, no gradient
+            y_recv = expert_fn(x_recv, local_ids, True)
+            local_counts = torch.zeros(El + 1, **i64).index_add_(0, local_ids, torch.ones_like(local_ids))[:El]
+        # 5. Return, equal chunks; 6. combine: slot -> padded row (dropped: a zero row).
+        y_back = all_to_all(y_recv, comm, "result return (fixed capacity, all_to_all_single)")
+        y_ext = torch.cat([y_back, y_back.new_zeros(1, H)])
+        rows = y_ext[pos[plan.slot_to_sorted.long()]].view(plan.num_tokens, plan.top_k, H)
+        acc = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows  # as combine
+        out = (acc * weights.to(acc.dtype)[..., None]).sum(1).to(x.dtype)
+        chunk_bytes = B * H * x.element_size()
+        stats = AllToAllStats(
+            send_rows=None, recv_rows=None, bytes_sent=2 * (W - 1) * chunk_bytes,
+            bytes_received=2 * (W - 1) * chunk_bytes, count_bytes=self._count_bytes(send_counts.element_size()),
+        )  # fmt: skip
+        return ExchangeResult(
+            out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=local_counts,
+            rows_sent=rows_to.clamp(max=B), rows_received=recv_counts.sum(1).clamp(max=B), dropped=(~keep).sum(),
+            stats=stats,
+        )  # fmt: skip
+
+    def _check_peers(self, extra: torch.Tensor) -> None:
+        """Fixed-capacity mode: a peer that failed sent -1s (on CPU a free read; elsewhere an assertion)."""
+        if extra.device.type == "cpu":
+            failed = [s for s, v in enumerate(extra.tolist()) if v < 0]
+            if failed:
+                raise self._peer_failed(failed)
+        else:
+            torch._assert_async(extra.min() >= 0, f"expert-parallel layer {self.comm.name!r}: a peer's forward failed")
+
+    def _check_overflow(self, largest: torch.Tensor) -> None:
+        if self.capacity_overflow == "drop":
+            return
+        B = self.capacity_per_peer
+        if largest.device.type == "cpu":
+            # A host read, but a free one on CPU; every rank holds the same value.
+            m = int(largest)
+            if m > B:
+                raise CapacityOverflowError(
+                    f"expert-parallel layer {self.comm.name!r}: a rank has {m} rows for one peer but "
+                    f"capacity_per_peer={B}; raise it to at least {m} (T_max * min(top_k, experts per rank) "
+                    "never overflows), or pass capacity_overflow='drop'"
+                )
+        else:
+            torch._assert_async(
+                largest <= B, f"expert-parallel layer {self.comm.name!r}: rows for one peer exceed capacity_per_peer"
+            )
