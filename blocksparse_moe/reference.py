@@ -5,8 +5,10 @@ One copy, imported by the tests, the benchmarks and :mod:`blocksparse_moe.ops`
 autograd and runs in any dtype, float64 included.
 
 The torch backend loops over experts on the host: it reads the per-expert counts
-back (``.tolist()``), free on CPU, one sync per op on an accelerator. It is the CPU
-path and a readable statement of what the Triton kernels compute, not the fast path.
+back (``.tolist()``), free on CPU, one sync per op on an accelerator, and one graph
+break per op under ``torch.compile``. It is a readable statement of what the Triton
+kernels compute (tests compare the kernels' block data against it), not a fast path:
+``backend="auto"`` never picks it (the CPU path is the ``grouped`` backend).
 """
 
 from __future__ import annotations
@@ -132,17 +134,33 @@ def _blocks_to_rows(blocks: torch.Tensor, c: int, n: int, b: int, F: int) -> tor
     return blocks.reshape(nb, F, b, b).permute(0, 2, 1, 3).reshape(nb * b, F * b)[:c, :n]
 
 
+def _per_expert(topo: Topology, a: torch.Tensor, b: torch.Tensor, rows_of_a: bool):
+    """``a`` split once into the experts' pieces (rows, or blocks plus the spare tail), ``b`` unbound once.
+
+    Why once: indexing ``b[e]`` or slicing ``a[start:end]`` per expert inside autograd
+    gives every piece's gradient as a zero tensor of the *whole* input that is then
+    summed, O(E^2) work and memory; ``split``/``unbind`` have one backward that
+    concatenates/stacks, O(E).
+    """
+    ranges = _expert_ranges(topo)
+    if rows_of_a:
+        sizes = [c for _, c, _, _ in ranges]
+    else:
+        sizes = [n for _, _, _, n in ranges]
+        sizes.append(a.shape[0] - sum(sizes))  # spare blocks past the active ones
+    return ranges, a.split(sizes), b.unbind(0)
+
+
 def sdd_torch(a: torch.Tensor, b: torch.Tensor, topo: Topology) -> torch.Tensor:
     """``data[blocks of expert e] = blocks(a[rows of e] @ b[e])``; spare blocks are zero.
 
     ``a [S, K]`` sorted rows, ``b [E, K, N]`` with ``N = topo.ffn_size`` -> ``[capacity, bs, bs]``.
     """
     bs, F = topo.block_size, topo.ffn_blocks
-    pieces = []
+    _, rows, mats = _per_expert(topo, a, b, rows_of_a=True)
     # Empty experts still contribute a zero-size product: it keeps every input in the
     # autograd graph, so unused weights get zero gradients rather than None.
-    for e, (row, c, _, _) in enumerate(_expert_ranges(topo)):
-        pieces.append(_rows_to_blocks(a[row : row + c] @ b[e], bs, F))
+    pieces = [_rows_to_blocks(r @ m, bs, F) for r, m in zip(rows, mats)]
     used = sum(p.shape[0] for p in pieces)
     pieces.append(a.new_zeros(topo.capacity - used, bs, bs))
     return torch.cat(pieces)
@@ -151,18 +169,18 @@ def sdd_torch(a: torch.Tensor, b: torch.Tensor, topo: Topology) -> torch.Tensor:
 def dsd_torch(data: torch.Tensor, b: torch.Tensor, topo: Topology) -> torch.Tensor:
     """``out[rows of e] = rows(data of e) @ b[e]``: ``data [capacity, bs, bs]``, ``b [E, ffn, N]`` -> ``[S, N]``."""
     bs, F, n = topo.block_size, topo.ffn_blocks, topo.ffn_size
-    pieces = []
-    for e, (_, c, blk, nblk) in enumerate(_expert_ranges(topo)):
-        pieces.append(_blocks_to_rows(data[blk : blk + nblk], c, n, bs, F) @ b[e])
+    ranges, blocks, mats = _per_expert(topo, data, b, rows_of_a=False)
+    pieces = [_blocks_to_rows(blk, c, n, bs, F) @ m for (_, c, _, _), blk, m in zip(ranges, blocks, mats)]
     return torch.cat(pieces)
 
 
 def dsd_t_torch(data: torch.Tensor, d: torch.Tensor, topo: Topology) -> torch.Tensor:
     """``out[e] = rows(data of e)^T @ d[rows of e]``: the weight-gradient product, ``[E, ffn, N]``."""
     bs, F, n = topo.block_size, topo.ffn_blocks, topo.ffn_size
-    out = []
-    for row, c, blk, nblk in _expert_ranges(topo):
-        out.append(_blocks_to_rows(data[blk : blk + nblk], c, n, bs, F).T @ d[row : row + c])
+    ranges = _expert_ranges(topo)
+    blocks = data.split([nb for _, _, _, nb in ranges] + [data.shape[0] - sum(nb for _, _, _, nb in ranges)])
+    rows = d.split([c for _, c, _, _ in ranges])
+    out = [_blocks_to_rows(blk, c, n, bs, F).T @ r for (_, c, _, _), blk, r in zip(ranges, blocks, rows)]
     return torch.stack(out)
 
 

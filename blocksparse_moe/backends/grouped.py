@@ -121,12 +121,12 @@ class _Products:
     ``out``/``acc`` buffers are only hints, and elementwise work is whole-tensor.
     """
 
-    def __init__(self, expert_offsets: Tensor, rows: int):
+    def __init__(self, expert_offsets: Tensor, rows: int, loops: bool):
         self.offs = expert_offsets[1:]
         self.rows = rows
-        self.host = expert_offsets.device.type == "cpu"
-        # host memory on a CPU: .tolist() copies, it does not synchronise anything
-        self.bounds = expert_offsets.tolist() if self.host else None
+        self.host = loops
+        # loops run only on CPU tensors (grouped_ffn checks): .tolist() copies host memory, no sync
+        self.bounds = expert_offsets.tolist() if loops else None
 
     def chunks(self, width: int):
         step = max(1, _CPU_CHUNK_ELEMENTS // max(width, 1)) if self.host else max(self.rows, 1)
@@ -219,10 +219,10 @@ def _hidden_into(h: Tensor, g: Tensor, u: Optional[Tensor], w_sorted: Optional[T
 def _ffn_op(
     x: Tensor, weights: Optional[Tensor], w1: Tensor, v1: Optional[Tensor], w2: Tensor,
     sorted_to_slot: Tensor, slot_to_sorted: Tensor, expert_offsets: Tensor,
-    top_k: int, activation: str, layout: str, padded: bool,
+    top_k: int, activation: str, layout: str, padded: bool, loops: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     S, T = sorted_to_slot.shape[0], x.shape[0]
-    pro = _Products(expert_offsets, S)
+    pro = _Products(expert_offsets, S, loops)
     token = torch.div(sorted_to_slot, top_k, rounding_mode="floor").long()
     xs = x.index_select(0, token)
     pre1 = pro.mm(xs, w1)
@@ -243,7 +243,7 @@ def _ffn_op(
 
 
 @_ffn_op.register_fake
-def _(x, weights, w1, v1, w2, sorted_to_slot, slot_to_sorted, expert_offsets, top_k, activation, layout, padded):
+def _(x, weights, w1, v1, w2, sorted_to_slot, slot_to_sorted, expert_offsets, top_k, activation, layout, padded, loops):
     S = sorted_to_slot.shape[0]
     pre3 = x.new_empty(S, v1.shape[2]) if layout == "separate" else x.new_empty(0)
     return x.new_empty(x.shape), x.new_empty(S, w1.shape[2]), pre3
@@ -278,11 +278,11 @@ def _backward_elementwise(dh, g, u, w_sorted, activation, pro, hw, du, dw_sorted
 def _ffn_backward_op(
     dy: Tensor, x: Tensor, weights: Optional[Tensor], w1: Tensor, v1: Optional[Tensor], w2: Tensor,
     pre1: Tensor, pre3: Tensor, sorted_to_slot: Tensor, slot_to_sorted: Tensor, expert_offsets: Tensor,
-    top_k: int, activation: str, layout: str, padded: bool, needs: list[bool],
+    top_k: int, activation: str, layout: str, padded: bool, loops: bool, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     need_x, need_w, need_w1, need_v1, need_w2 = needs
     S, T = sorted_to_slot.shape[0], x.shape[0]
-    pro = _Products(expert_offsets, S)
+    pro = _Products(expert_offsets, S, loops)
     slot = sorted_to_slot.long()
     token = torch.div(sorted_to_slot, top_k, rounding_mode="floor").long()
     cd = _compute_dtype(x.dtype)
@@ -332,7 +332,7 @@ def _ffn_backward_op(
 
 @_ffn_backward_op.register_fake
 def _(dy, x, weights, w1, v1, w2, pre1, pre3, sorted_to_slot, slot_to_sorted, expert_offsets,
-      top_k, activation, layout, padded, needs):  # fmt: skip
+      top_k, activation, layout, padded, loops, needs):  # fmt: skip
     need_x, need_w, need_w1, need_v1, need_w2 = needs
     return (
         x.new_empty(x.shape) if need_x else x.new_empty(0),
@@ -344,20 +344,20 @@ def _(dy, x, weights, w1, v1, w2, pre1, pre3, sorted_to_slot, slot_to_sorted, ex
 
 
 def _setup(ctx, inputs, output):
-    x, weights, w1, v1, w2, s2s, slot2s, offsets, top_k, activation, layout, padded = inputs
+    x, weights, w1, v1, w2, s2s, slot2s, offsets, top_k, activation, layout, padded, loops = inputs
     _, pre1, pre3 = output
     ctx.save_for_backward(x, weights, w1, v1, w2, pre1, pre3, s2s, slot2s, offsets)
-    ctx.static = (top_k, activation, layout, padded)
+    ctx.static = (top_k, activation, layout, padded, loops)
 
 
 def _backward(ctx, dy, _dpre1, _dpre3):
     x, weights, w1, v1, w2, pre1, pre3, s2s, slot2s, offsets = ctx.saved_tensors
-    top_k, activation, layout, padded = ctx.static
+    top_k, activation, layout, padded, loops = ctx.static
     n = ctx.needs_input_grad
     needs = [n[0], weights is not None and n[1], n[2], v1 is not None and n[3], n[4]]
     d_x, d_w, d_w1, d_v1, d_w2 = _ffn_backward_op(
         dy.contiguous(), x, weights, w1, v1, w2, pre1, pre3, s2s, slot2s, offsets, top_k, activation, layout,
-        padded, needs,
+        padded, loops, needs,
     )  # fmt: skip
     return (
         d_x if n[0] else None,
@@ -365,7 +365,7 @@ def _backward(ctx, dy, _dpre1, _dpre3):
         d_w1 if n[2] else None,
         d_v1 if needs[3] else None,
         d_w2 if n[4] else None,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )  # fmt: skip
 
 
@@ -383,13 +383,20 @@ def grouped_ffn(
     activation: str = "gelu",
     layout: str | None = None,
     padded: bool = False,
+    products: str | None = None,
 ) -> Tensor:
     """``y[t] = sum_j weights[t, j] * FFN_{e}(x[t])`` over ``plan``'s sorted rows (``weights=None``: unweighted).
 
     ``w1 [E, H, F]`` (or the fused ``[E, H, 2F]`` for ``layout`` ``concat``/``interleave``),
     ``v1 [E, H, F]`` for ``separate``, ``w2 [E, F, H]``; any strides. ``padded``: the plan
     has rows past ``expert_offsets[-1]`` that no expert owns; they contribute zero.
+    ``products``: ``"loops"`` (``torch.mm`` into reused buffers; CPU tensors only) or
+    ``"grouped_mm"``; ``None`` picks loops on a CPU, grouped_mm elsewhere.
     """
+    if products is None:
+        products = "loops" if x.device.type == "cpu" else "grouped_mm"
+    if products not in ("loops", "grouped_mm") or (products == "loops" and x.device.type != "cpu"):
+        raise ValueError(f"products must be 'grouped_mm', or 'loops' for CPU tensors; got {products!r} on {x.device}")
     if layout is None:
         layout = "mlp" if v1 is None else "separate"
     if layout not in GATE_UP_LAYOUTS:
@@ -402,7 +409,7 @@ def grouped_ffn(
         )
     y, _, _ = _ffn_op(
         x, weights, w1, v1, w2, plan.sorted_to_slot, plan.slot_to_sorted, plan.expert_offsets,
-        plan.top_k, activation, layout, padded,
+        plan.top_k, activation, layout, padded, products == "loops",
     )  # fmt: skip
     return y
 
