@@ -17,7 +17,8 @@ pass with a warning.
 Scenarios are registered by name with ``@scenario`` in the modules listed in
 ``SCENARIO_MODULES`` (``parallel_scenarios``: the layer against a single process;
 ``parallel_fault_scenarios``: mismatches, bad input, timeouts, a dead rank;
-``parallel_mesh_scenarios``: dp x ep, DDP, FSDP2, placements, statistics). A test
+``parallel_mesh_scenarios``: dp x ep, DDP, FSDP2, placements, statistics;
+``parallel_ckpt_scenarios``: resharding checkpoints). A test
 passes scenario names, not functions: a worker imports those modules and looks each
 name up in ``SCENARIOS``.
 """
@@ -40,7 +41,7 @@ START_METHOD = os.environ.get("BSMOE_MP_START", "forkserver" if sys.platform.sta
 SCENARIOS: dict = {}
 # A worker process starts from this module alone (the forkserver's preload, or spawn
 # unpickling ``_worker_main``): it imports these so that their scenarios are registered.
-SCENARIO_MODULES = ("parallel_scenarios", "parallel_fault_scenarios", "parallel_mesh_scenarios")
+SCENARIO_MODULES = ("parallel_scenarios", "parallel_fault_scenarios", "parallel_mesh_scenarios", "parallel_ckpt_scenarios")
 
 
 def scenario(fn):

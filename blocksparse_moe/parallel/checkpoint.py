@@ -25,8 +25,10 @@ problems are gathered over the group first). Nothing is truncated or broadcast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -63,6 +65,15 @@ def _process_group(model, process_group):
     if dist.is_available() and dist.is_initialized():
         return None, False
     return None, True
+
+
+@contextlib.contextmanager
+def _quiet(no_dist: bool):
+    """Without a process group DCP warns that it assumes one process: that is what was asked for."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _split_model(msd: dict, index: dict) -> dict:
@@ -130,19 +141,15 @@ def save_sharded(model: nn.Module, path, optimizer: Optional[torch.optim.Optimiz
     """
     pg, no_dist = _process_group(model, process_group)
     sd, _, _ = _build(model, optimizer, _index(model))
-    dcp.save(sd, checkpoint_id=os.fspath(path), process_group=pg, no_dist=no_dist)
+    with _quiet(no_dist):
+        dcp.save(sd, checkpoint_id=os.fspath(path), process_group=pg, no_dist=no_dist)
 
 
-def _flat(prefix: str, obj, out: dict) -> None:
-    """DCP's flattened keys: nested dicts and lists joined with dots."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _flat(f"{prefix}.{k}", v, out)
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _flat(f"{prefix}.{i}", v, out)
-    else:
-        out[prefix] = obj
+def _flat(section: str, obj) -> dict:
+    """The keys DCP stores ``{section: obj}`` under (its own flattening, so the names cannot drift)."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    return flatten_state_dict({section: obj})[0]
 
 
 def _shape(t) -> tuple:
@@ -176,13 +183,12 @@ def _problems(meta: dict, sd: dict, index: dict, optimizer) -> list:
                 if size != want:
                     problems.append(f"{fqn}: expert {e} has shape {size} in the checkpoint, the model expects {want}")
                     break
-    flat: dict = {}
-    _flat("model", sd["model"], flat)
+    flat = _flat("model", sd["model"])
     if optimizer is not None:
         if not any(k.startswith("optim.") for k in meta):
             problems.append("optimizer: the checkpoint holds no optimizer state (saved without optimizer=?)")
         else:
-            _flat("optim", sd["optim"], flat)
+            flat.update(_flat("optim", sd["optim"]))
     for key, value in flat.items():
         if key in expert_keys:
             continue
@@ -220,7 +226,8 @@ def load_sharded(model: nn.Module, path, optimizer: Optional[torch.optim.Optimiz
         problems = sorted({p for ps in everyone for p in ps})
     if problems:
         raise ValueError(f"load_sharded({path!r}): the checkpoint does not match the model: " + "; ".join(problems))
-    dcp.load(sd, checkpoint_id=path, process_group=pg, no_dist=no_dist)
+    with _quiet(no_dist):
+        dcp.load(sd, checkpoint_id=path, process_group=pg, no_dist=no_dist)
     # The expert slices were views of msd's tensors: msd now holds the checkpoint.
     set_model_state_dict(model, msd)
     if optimizer is not None:
