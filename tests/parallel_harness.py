@@ -18,7 +18,8 @@ Scenarios are registered by name with ``@scenario`` in the modules listed in
 ``SCENARIO_MODULES`` (``parallel_scenarios``: the layer against a single process;
 ``parallel_fault_scenarios``: mismatches, bad input, timeouts, a dead rank;
 ``parallel_mesh_scenarios``: dp x ep, DDP, FSDP2, placements, statistics;
-``parallel_ckpt_scenarios``: resharding checkpoints). A test
+``parallel_ckpt_scenarios``: resharding checkpoints; ``parallel_hf_scenarios``:
+Hugging Face models). A test
 passes scenario names, not functions: a worker imports those modules and looks each
 name up in ``SCENARIOS``.
 """
@@ -41,7 +42,10 @@ START_METHOD = os.environ.get("BSMOE_MP_START", "forkserver" if sys.platform.sta
 SCENARIOS: dict = {}
 # A worker process starts from this module alone (the forkserver's preload, or spawn
 # unpickling ``_worker_main``): it imports these so that their scenarios are registered.
-SCENARIO_MODULES = ("parallel_scenarios", "parallel_fault_scenarios", "parallel_mesh_scenarios", "parallel_ckpt_scenarios")
+SCENARIO_MODULES = (
+    "parallel_scenarios", "parallel_fault_scenarios", "parallel_mesh_scenarios", "parallel_ckpt_scenarios",
+    "parallel_hf_scenarios",
+)  # fmt: skip
 
 
 def scenario(fn):
@@ -60,6 +64,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _hf_preload() -> list:
+    """transformers and the model modules the HF scenarios build, when installed.
+
+    Importing them takes ~6 s of CPU per process here; in the server it is paid once
+    per session instead of once per worker (the HF launches start 6 workers).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return []
+    models = [f"transformers.models.{m}.modeling_{m}" for m in ("mixtral", "qwen3_moe", "deepseek_v3")]
+    return ["transformers", *models, "blocksparse_moe.integrations.transformers"]
+
+
 def _context():
     import torch.multiprocessing as mp
 
@@ -68,7 +86,7 @@ def _context():
         # Imported once in the server (sys.path and the environment, TRITON_INTERPRET
         # included, are the parent's when the server starts).
         preload = ["torch", "torch.distributed", "blocksparse_moe", "blocksparse_moe.parallel", "parallel_harness"]
-        ctx.set_forkserver_preload([*preload, *SCENARIO_MODULES])
+        ctx.set_forkserver_preload([*preload, *SCENARIO_MODULES, *_hf_preload()])
     return ctx
 
 

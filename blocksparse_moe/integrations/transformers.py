@@ -324,3 +324,4 @@ def register(name: str = DEFAULT_NAME, *, backend: str = "auto", block_size: int
 
 
 register()
+from .transformers_parallel import expert_parallel  # noqa: E402,F401  (expert parallelism; its own module)
