@@ -102,8 +102,8 @@ def _check_id_range(expert_ids: torch.Tensor, num_experts: int, validate_ids: bo
     """
     if expert_ids.numel() == 0 or validate_ids is False:
         return
-    on_host = expert_ids.device.type == "cpu" and not torch.compiler.is_compiling()
-    if on_host or validate_ids:
+    # Runs inside the plan op, so always eagerly, also under torch.compile.
+    if expert_ids.device.type == "cpu" or validate_ids:
         lo, hi = int(expert_ids.min()), int(expert_ids.max())  # host read: CPU, or requested
         if lo < 0 or hi >= num_experts:
             raise ValueError(
@@ -112,6 +112,33 @@ def _check_id_range(expert_ids: torch.Tensor, num_experts: int, validate_ids: bo
     else:
         in_range = (expert_ids.min() >= 0) & (expert_ids.max() < num_experts)
         torch._assert_async(in_range, "expert_ids out of range [0, num_experts)")
+
+
+# One custom op: under torch.compile the plan is a single opaque node (its sizes are
+# known from the input's shape), rather than a dozen traced index ops for Inductor to
+# generate and compile code for. The id-range check runs inside it, at run time.
+@torch.library.custom_op("blocksparse_moe::plan_routing", mutates_args=())
+def _plan_op(expert_ids: torch.Tensor, num_experts: int, validate: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_id_range(expert_ids, num_experts, {0: None, 1: True, 2: False}[validate])
+    device = expert_ids.device
+    flat = expert_ids.reshape(-1).to(torch.int32)
+    sorted_expert, sorted_to_slot = torch.sort(flat, stable=True)
+    sorted_to_slot = sorted_to_slot.to(torch.int32)
+    num_slots = flat.numel()
+    slot_to_sorted = torch.empty_like(sorted_to_slot)
+    slot_to_sorted.scatter_(0, sorted_to_slot.long(), torch.arange(num_slots, device=device, dtype=torch.int32))
+    # searchsorted over the sorted ids gives every expert's first row without
+    # bincount, which reads its output size back to the host on CUDA.
+    boundaries = torch.arange(num_experts + 1, device=device, dtype=torch.int32)
+    expert_offsets = torch.searchsorted(sorted_expert, boundaries, out_int32=True)
+    return sorted_to_slot, slot_to_sorted, sorted_expert, expert_offsets
+
+
+@_plan_op.register_fake
+def _(expert_ids, num_experts, validate):
+    S = expert_ids.numel()
+    new = lambda n: expert_ids.new_empty(n, dtype=torch.int32)  # noqa: E731
+    return new(S), new(S), new(S), new(num_experts + 1)
 
 
 def plan_routing(
@@ -130,22 +157,9 @@ def plan_routing(
         The :class:`RoutingPlan`; nothing in it was read back to the host.
     """
     _validate_expert_ids(expert_ids, num_experts)
-    _check_id_range(expert_ids, num_experts, validate_ids)
     num_tokens, top_k = expert_ids.shape
-    device = expert_ids.device
-    flat = expert_ids.reshape(-1).to(torch.int32)
-    sorted_expert, sorted_to_slot = torch.sort(flat, stable=True)
-    sorted_to_slot = sorted_to_slot.to(torch.int32)
-    num_slots = flat.numel()
-    slot_to_sorted = torch.empty_like(sorted_to_slot)
-    slot_to_sorted.scatter_(
-        0, sorted_to_slot.long(), torch.arange(num_slots, device=device, dtype=torch.int32)
-    )
-    # searchsorted over the sorted ids gives every expert's first row without
-    # bincount, which reads its output size back to the host on CUDA.
-    boundaries = torch.arange(num_experts + 1, device=device, dtype=torch.int32)
-    expert_offsets = torch.searchsorted(sorted_expert, boundaries, out_int32=True)
-    tokens_per_expert = expert_offsets[1:] - expert_offsets[:-1]
+    validate = {None: 0, True: 1, False: 2}[validate_ids]
+    sorted_to_slot, slot_to_sorted, sorted_expert, expert_offsets = _plan_op(expert_ids, num_experts, validate)
     return RoutingPlan(
         num_tokens=num_tokens,
         top_k=top_k,
@@ -153,6 +167,6 @@ def plan_routing(
         sorted_to_slot=sorted_to_slot,
         slot_to_sorted=slot_to_sorted,
         sorted_expert=sorted_expert,
-        tokens_per_expert=tokens_per_expert,
+        tokens_per_expert=expert_offsets[1:] - expert_offsets[:-1],
         expert_offsets=expert_offsets,
     )
