@@ -199,3 +199,18 @@ def load_stats(rank, W):
     again = collect_load_stats(model, reduce=False)["moe"]
     assert again.forwards == 0 and sum(again.tokens_per_expert) == 0  # reset by the first collection
     return {"balancedness": stats.balancedness, "rows_per_rank": stats.rows_per_rank}
+
+
+# --------------------------------------------------------------------------- DDP on the expert group itself
+@scenario
+def mesh_1x4_ddp(rank, W):
+    """At 1 x 4 the ep group is the default group: DDP's all-reduces (one bucket per parameter) share it
+    with the all-to-alls, issued in the same autograd order on every rank."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from blocksparse_moe.parallel import expert_parameter_names
+
+    ref = reference(8, glu=True)
+    model = parallel(ref, _mesh(1, 4))
+    DDP._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
+    return _check_step(rank, W, model, ref, wrapped=DDP(model, bucket_cap_mb=0.0001), replicated=False)
