@@ -1,7 +1,8 @@
 """Hugging Face models under expert parallelism (gloo): ``expert_parallel`` equals the unsharded model.
 
-Tiny random Mixtral and Qwen3-MoE models at 2 and 4 ranks, and DeepSeek-V3 (shared
-experts replicated) at 2: logits, loss and every gradient against the unsharded
+Tiny random Mixtral and Qwen3-MoE models at 2 and 4 ranks, DeepSeek-V3 (shared
+experts replicated) and Mixtral in the fixed-capacity mode under a permuted placement
+at 2: logits, loss and every gradient against the unsharded
 model running transformers' own eager experts on the whole batch, then
 ``save_sharded`` / ``load_sharded`` into an unsharded model and into another
 placement (scenarios in tests/parallel_hf_scenarios.py).
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 
-TWO = ["hf_mixtral", "hf_qwen3_moe", "hf_deepseek_v3"]
+TWO = ["hf_mixtral", "hf_qwen3_moe", "hf_deepseek_v3", "hf_mixtral_capacity"]
 FOUR = ["hf_mixtral", "hf_qwen3_moe"]
 
 
