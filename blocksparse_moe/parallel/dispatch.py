@@ -30,7 +30,7 @@ import torch
 
 from .. import ops
 from ..routing import RoutingPlan, _check_id_range, _validate_expert_ids, plan_routing
-from .collectives import Communicator, PeerFailedError, all_to_all
+from .collectives import CollectiveError, Communicator, PeerFailedError, all_to_all
 from .placement import ExpertPlacement
 from .stats import AllToAllStats, CapacityOverflowError
 
@@ -129,8 +129,6 @@ class TokenExchange:
 
     def announce_failure(self, device: torch.device) -> None:
         """Join the count exchange with -1 everywhere, so the peers raise PeerFailedError instead of waiting."""
-        from .collectives import CollectiveError
-
         W, El = self.world_size, self.num_local
         send = torch.full((self.placement.num_experts + W,), -1, dtype=torch.int64, device=device)
         recv = torch.empty(W * (El + 1), dtype=torch.int64, device=device)
