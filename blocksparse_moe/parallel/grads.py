@@ -125,14 +125,15 @@ def reduce_gradients(model: nn.Module, op: str = "mean", *, replicated: bool = T
     _all_reduce_flat(comm, [_grad_or_zeros(p) for p in rest], "gradient all-reduce over dp x ep", scale)
 
 
-def _local_norm_power(grads: list, norm_type: float) -> torch.Tensor:
-    """``sum |g|^p`` over plain tensors (``max |g|`` for inf), in float64 for a stable sum."""
+def _local_norm_power(grads: list, norm_type: float, device) -> torch.Tensor:
+    """``sum |g|^p`` over plain tensors (``max |g|`` for inf), in float64, on ``device`` (no per-tensor sync)."""
     if not grads:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=device)
     if math.isinf(norm_type):
-        return torch.stack([g.detach().abs().max().double().cpu() if g.numel() else torch.zeros((), dtype=torch.float64)
-                            for g in grads]).max()  # fmt: skip
-    return torch.stack([torch.linalg.vector_norm(g.detach(), norm_type).double().cpu() ** norm_type for g in grads]).sum()
+        parts = [g.detach().abs().max() if g.numel() else g.new_zeros(()) for g in grads]
+        return torch.stack([t.to(device, torch.float64) for t in parts]).max()
+    parts = [torch.linalg.vector_norm(g.detach(), norm_type).to(device, torch.float64) ** norm_type for g in grads]
+    return torch.stack(parts).sum()
 
 
 @torch.no_grad()
@@ -153,9 +154,8 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
     inf = math.isinf(norm_type)
     total = torch.zeros((), dtype=torch.float64)
     for s in shards:  # one reduction per layer, over its ep group
-        part = _local_norm_power([p.grad for _, p in s.params() if p.grad is not None], norm_type)
         dev = next((p.device for _, p in s.params()), torch.device("cpu"))
-        part = part.to(dev)
+        part = _local_norm_power([p.grad for _, p in s.params() if p.grad is not None], norm_type, dev)
         s.comm.all_reduce_(part, "gradient norm over ep", op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
         total = torch.maximum(total, part.cpu()) if inf else total + part.cpu()
     plain, sharded = [], []
@@ -163,7 +163,7 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
         if p.grad is None or id(p) in expert_ids:
             continue
         (sharded if _is_dtensor(p.grad) else plain).append(p.grad)
-    rest = _local_norm_power(plain, norm_type)
+    rest = _local_norm_power(plain, norm_type, plain[0].device if plain else torch.device("cpu")).cpu()
     total = torch.maximum(total, rest) if inf else total + rest
     for g in sharded:  # DTensor: the norm of the whole tensor, reduced over its mesh
         n = torch.linalg.vector_norm(g, norm_type).full_tensor().double().cpu()
