@@ -122,6 +122,29 @@ def mesh_2x2_fsdp2(rank, W):
     return _check_step(rank, W, model, ref, replicated=False, fsdp=True)
 
 
+@scenario
+def mesh_2x2_clip(rank, W):
+    """grad_norm (2 and inf) and clip_grad_norm_ at 2 x 2 against torch's on the single-process gradient."""
+    import torch
+
+    from blocksparse_moe.parallel import clip_grad_norm_, grad_norm, reduce_gradients
+
+    ref = reference(4, glu=True)
+    model = parallel(ref, _mesh(2, 2))
+    x_all, y_all = full_batch(0)
+    loss_fn(ref, x_all, y_all).backward()
+    x, y = batch(0, W)[rank]
+    loss_fn(model, x, y).backward()
+    reduce_gradients(model)
+    grads = [p.grad for p in ref.parameters()]
+    _compare("inf norm", grad_norm(model, float("inf")).float(), torch.nn.utils.get_total_norm(grads, float("inf")))
+    two = torch.nn.utils.get_total_norm(grads)
+    before = clip_grad_norm_(model, float(two) / 2)
+    _compare("norm before clipping", before.float(), two)
+    _compare("norm after clipping", grad_norm(model).float(), two / 2, dict(atol=1e-5, rtol=1e-5))
+    return {}
+
+
 # --------------------------------------------------------------------------- placements
 def _placed(rank, W, E, owners=None, **kw):
     from blocksparse_moe.parallel import ExpertPlacement, gather_state_dict

@@ -5,7 +5,8 @@ One launch (tests/parallel_harness.py) runs every scenario of tests/parallel_mes
 * dp x ep = 2 x 2 and 1 x 4 (a DeviceMesh with dims ("dp", "ep")), MLP and GLU experts:
   forward, backward, ``reduce_gradients`` (experts over dp, the rest over dp x ep, DDP's
   mean), an SGD step; loss, every gradient, the global gradient norm and every
-  parameter after the step against one process on the whole global batch;
+  parameter after the step against one process on the whole global batch; the
+  inf norm and ``clip_grad_norm_``;
 * the same beside DDP (2 x 2, and 1 x 4 where DDP shares the default group with the
   all-to-alls) and beside FSDP2 (``fully_shard``) on the non-expert parameters;
 * placements: E=6 over 4 ranks, a permuted placement, a rank holding no expert, and
@@ -25,7 +26,10 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 
-STEPS = ["mesh_2x2", "mesh_2x2_glu", "mesh_1x4", "mesh_1x4_glu", "mesh_2x2_ddp", "mesh_1x4_ddp", "mesh_2x2_fsdp2"]
+STEPS = [
+    "mesh_2x2", "mesh_2x2_glu", "mesh_1x4", "mesh_1x4_glu", "mesh_2x2_ddp", "mesh_1x4_ddp", "mesh_2x2_fsdp2",
+    "mesh_2x2_clip",
+]  # fmt: skip
 PLACEMENTS = ["placement_e6", "placement_permuted", "placement_empty_rank", "placement_capacity"]
 STATS = ["load_stats"]
 
