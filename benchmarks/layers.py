@@ -2,7 +2,10 @@
 
 Variants (all share one router and one set of expert weights, so they route alike):
 
-``dmoe``          :class:`blocksparse_moe.dMoE` (Triton backend on a GPU, torch backend on a CPU).
+``dmoe``          :class:`blocksparse_moe.dMoE` with ``backend="auto"`` (grouped on a CPU; on a GPU
+                  Triton or grouped by measured shape, ``backends/select.py``).
+``dmoe_<b>``      the same layer on each other backend ``b`` the device runs: ``grouped``
+                  (both), ``triton`` (CUDA), ``torch`` (CPU: the block-layout reference).
 ``moe_cf<f>``     :class:`blocksparse_moe.MoE`, capacity ``ceil(f * T * k / E)`` rows per
                   expert, at ``f`` = 1.0, 1.25 and 2.0; rows past capacity are dropped.
 ``expert_loop``   a Python loop over experts that gathers each expert's tokens and
@@ -38,7 +41,18 @@ from .common import Rotation, Timer, check_close, l2_bytes, ref_dtype, run_grid,
 from .shapes import LayerShape, layer_inputs, load_stats
 
 CAPACITY_FACTORS = (1.0, 1.25, 2.0)
-VARIANTS = ("dmoe",) + tuple(f"moe_cf{f}" for f in CAPACITY_FACTORS) + ("expert_loop", "grouped_mm")
+DMOE_BACKENDS = ("grouped", "triton", "torch")
+VARIANTS = (("dmoe",) + tuple(f"dmoe_{b}" for b in DMOE_BACKENDS) + tuple(f"moe_cf{f}" for f in CAPACITY_FACTORS)
+            + ("expert_loop", "grouped_mm"))  # fmt: skip
+
+
+def _backend_runs_here(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` is not timed on ``device``, or None when it is."""
+    if backend == "triton" and device.type != "cuda":
+        return "Triton runs compiled on CUDA only (the CPU interpreter is not a timing target)"
+    if backend == "torch" and device.type == "cuda":
+        return "the torch block reference reads counts back per op on a GPU; not a timing target there"
+    return None
 
 
 class ExpertLoop(nn.Module):
@@ -77,7 +91,7 @@ class GroupedMM(nn.Module):
         return combine_torch(ys, plan, route.weights).reshape(x.shape)
 
 
-def _share(module: MoE, base: dMoE) -> MoE:
+def _share(module, base: dMoE):
     """Make ``module`` use ``base``'s router and weights (no copy)."""
     module.router = base.router
     module.w1, module.w2 = base.w1, base.w2
@@ -166,7 +180,8 @@ def run_config(shape: LayerShape, routing: str, seed: int, device, dtype, timer:
     flops = useful_flops(shape)
     rec = {
         "shape": shape.asdict(), "routing": routing, "seed": seed, "tokens": T, "useful_flops": flops,
-        "load": load_stats(ids, E), "backend": ops.resolve_backend(cfg.backend, x0.device), "impls": {},
+        "load": load_stats(ids, E), "backend": ops.resolve_backend(cfg.backend, x0.device, dtype, E, shape.ffn),
+        "impls": {},
     }  # fmt: skip
     params = [p for p in base.parameters()]
     xs_bytes = tensor_bytes(x0)
@@ -183,9 +198,18 @@ def run_config(shape: LayerShape, routing: str, seed: int, device, dtype, timer:
             continue
         info = {"real_rows": T * k}
         keep = None
-        if name == "dmoe":
-            variant = base
-            info.update(computed_rows=active_rows, dropped_assignments=0)
+        if name == "dmoe" or name.startswith("dmoe_"):
+            backend = rec["backend"] if name == "dmoe" else name[len("dmoe_"):]
+            why_not = None if name == "dmoe" else _backend_runs_here(backend, device)
+            if why_not is None and name != "dmoe" and backend == rec["backend"]:
+                why_not = f"the same as dmoe (auto resolves to {backend} here)"
+            rows = active_rows if backend in ("triton", "torch") else T * k  # grouped pads nothing
+            info.update(backend=backend, computed_rows=rows, dropped_assignments=0)
+            if why_not is not None:
+                rec["impls"][name] = {"status": "unsupported", "error": why_not, **info}
+                _step(progress, shape, routing, name, "unsupported")
+                continue
+            variant = base if name == "dmoe" else _share(dMoE(replace(cfg, backend=backend)), base)
         elif name.startswith("moe_cf"):
             cf = float(name[len("moe_cf"):])
             variant = _share(MoE(replace(cfg, capacity_factor=cf)), base)

@@ -35,7 +35,7 @@ import torch
 import blocksparse_moe.integrations.transformers  # noqa: F401 - registers "blocksparse"
 from blocksparse_moe import MoEConfig, dMoE
 
-from .common import RESULTS_DIR, environment, now, results_path, write_results
+from .common import SCHEMA, environment, now, results_path, write_results
 
 #: The issue's two layer shapes (SwiGLU, fp32).
 LAYER_SHAPES = {
@@ -219,7 +219,8 @@ def main(argv=None) -> int:
         created = now()
         env = environment(torch.device("cpu"), torch.float32)
         path = results_path(a.out, env, "vs-hf", created)
-        write_results(path, dict(suite="vs-hf", created=created.isoformat(), argv=sys.argv, env=env, **res))
+        write_results(path, dict(schema=SCHEMA, kind="vs-hf", suite="vs-hf", created=created.isoformat(),
+                                 argv=sys.argv, env=env, **res))  # fmt: skip
         print(f"wrote {path}")
     return 0
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from . import MoE, MoEConfig, dMoE
+from .backends.select import BACKENDS, resolve_backend
 from .reference import moe_ffn_dense
 
 # Sizes per setting: (tokens, hidden, ffn, experts, block size, timed iterations).
@@ -43,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         "dropped tokens, max error against the float64 dense reference, forward+backward time.",
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
-                   help="dMoE backend: auto = triton on CUDA, torch on CPU (default: auto)")  # fmt: skip
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="dMoE backend: auto = grouped on CPU, triton or grouped on CUDA by measured shape "
+                        "(default: auto)")  # fmt: skip
     p.add_argument("--tokens", type=int, default=None, help="tokens in the batch (default: 1024 on CPU)")
     p.add_argument("--experts", type=int, default=None, help="number of experts (default: 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
@@ -160,7 +162,7 @@ def run(args) -> None:
     E = args.experts if args.experts is not None else d[3]
     bs = args.block_size if args.block_size is not None else d[4]
     iters = args.iters if args.iters is not None else d[5]
-    backend = "triton" if args.backend == "triton" or (args.backend == "auto" and device.type == "cuda") else "torch"
+    backend = "triton" if interp else resolve_backend(args.backend, device, torch.float32, E, ffn)
     torch.manual_seed(args.seed)
     # Built before anything is printed: a bad size fails here, as a usage error.
     cfg = MoEConfig(
@@ -207,7 +209,11 @@ def run(args) -> None:
               "the times say nothing about GPU speed.")
     elif backend == "torch":
         print("Timing note: dMoE's torch backend is the readable CPU reference of the block-sparse kernels "
-              "(a host loop over experts plus block copies), not a fast path; time the Triton backend on a GPU.")
+              "(a host loop over experts plus block copies), not a fast path; the default (auto) is.")
+    elif backend == "grouped":
+        print(f"Timing note: both layers ran their fast path here. dMoE computes exactly the {T * args.top_k} routed "
+              f"rows (one GEMM per expert over the sorted rows); MoE computes {E} x {capacity} capacity rows, "
+              "padding and all, and drops the rest.")
 
 
 def main(argv: list[str] | None = None) -> None:
