@@ -23,7 +23,9 @@ if str(REPO) not in sys.path:  # benchmarks/ is a top-level directory, not an in
     sys.path.insert(0, str(REPO))
 
 PRODUCTS = {"fwd_sdd", "fwd_dsd", "bwd_sdd", "bwd_dsd", "bwd_dsd_t_w2", "bwd_dsd_t_w1"}
-LAYER_VARIANTS = {"dmoe", "moe_cf1.0", "moe_cf1.25", "moe_cf2.0", "expert_loop", "grouped_mm"}
+LAYER_VARIANTS = {
+    "dmoe", "dmoe_grouped", "dmoe_triton", "dmoe_torch", "moe_cf1.0", "moe_cf1.25", "moe_cf2.0", "expert_loop", "grouped_mm",
+}  # fmt: skip
 STATUSES = {"ok", "checked", "failed", "error", "unsupported", "skipped"}
 
 
@@ -83,7 +85,9 @@ def test_layer_records_pass_their_checks(smoke_run):
         assert set(r["impls"]) == LAYER_VARIANTS
         for name, v in r["impls"].items():
             assert v["status"] != "failed", f"{name}: {v.get('error')}"
-        for name in ("dmoe", "moe_cf1.0", "moe_cf1.25", "moe_cf2.0", "expert_loop"):
+        # on the CPU: auto is grouped, the torch block reference is timed beside it, Triton is not
+        assert r["impls"]["dmoe"]["backend"] == "grouped" and r["impls"]["dmoe_grouped"]["status"] == "unsupported"
+        for name in ("dmoe", "dmoe_torch", "moe_cf1.0", "moe_cf1.25", "moe_cf2.0", "expert_loop"):
             v = r["impls"][name]
             assert v["status"] == "ok", (name, v)
             assert v["tokens_per_s"] > 0 and v["padding_rows"] > 0
