@@ -111,6 +111,11 @@ def moe_ffn_dense(
 
 def _expert_ranges(topo: Topology) -> list[tuple[int, int, int, int]]:
     """Per expert: (first sorted row, rows, first block, blocks), read back to the host."""
+    if topo.expert_offsets.device.type == "meta":
+        raise ValueError(
+            "backend='torch' loops over the experts on the host and reads their counts, which tensors on the "
+            "meta device do not hold; use backend='grouped' or backend='triton' for meta tensors"
+        )
     rows = topo.expert_offsets.tolist()  # host read: the torch backend loops over experts on the host
     block_rows = topo.expert_block_offsets.tolist()
     F = topo.ffn_blocks
@@ -143,11 +148,9 @@ def _per_expert(topo: Topology, a: torch.Tensor, b: torch.Tensor, rows_of_a: boo
     concatenates/stacks, O(E).
     """
     ranges = _expert_ranges(topo)
-    if rows_of_a:
-        sizes = [c for _, c, _, _ in ranges]
-    else:
-        sizes = [n for _, _, _, n in ranges]
-        sizes.append(a.shape[0] - sum(sizes))  # spare blocks past the active ones
+    sizes = [c for _, c, _, _ in ranges] if rows_of_a else [n for _, _, _, n in ranges]
+    # the tail no expert owns: spare blocks, or a padded plan's rows (zip drops it below)
+    sizes.append(a.shape[0] - sum(sizes))
     return ranges, a.split(sizes), b.unbind(0)
 
 
@@ -179,7 +182,7 @@ def dsd_t_torch(data: torch.Tensor, d: torch.Tensor, topo: Topology) -> torch.Te
     bs, F, n = topo.block_size, topo.ffn_blocks, topo.ffn_size
     ranges = _expert_ranges(topo)
     blocks = data.split([nb for _, _, _, nb in ranges] + [data.shape[0] - sum(nb for _, _, _, nb in ranges)])
-    rows = d.split([c for _, c, _, _ in ranges])
+    rows = d.split([c for _, c, _, _ in ranges] + [d.shape[0] - sum(c for _, c, _, _ in ranges)])
     out = [_blocks_to_rows(blk, c, n, bs, F).T @ r for (_, c, _, _), blk, r in zip(ranges, blocks, rows)]
     return torch.stack(out)
 
