@@ -47,6 +47,8 @@ Arrays (int32 on the routing device; direction in brackets):
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 
 import torch
@@ -213,11 +215,12 @@ def build_topology(plan: RoutingPlan, ffn_size: int, block_size: int, backend: s
     """
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
+    # An integer, not just equal to one: 16.0 == 16 would pass `in` and break the index arithmetic.
+    if not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
     if not isinstance(ffn_size, int) or isinstance(ffn_size, bool) or ffn_size < 1:
         raise ValueError(f"ffn_size must be a positive int, got {ffn_size!r}")
-    b, E, S = block_size, plan.num_experts, plan.num_slots
+    b, E, S = int(block_size), plan.num_experts, plan.num_slots
     F = -(-ffn_size // b)
     R = max_block_rows(S, E, b)
     if (R + 1) * F >= 2**31 or E * F >= 2**31:

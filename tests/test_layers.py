@@ -82,11 +82,18 @@ def reference(layer, x, expert_ids, keep=None):
     weights = scores.gather(1, ids)
     if cfg.router_renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
-    if keep is not None:
-        weights = weights * keep.cpu()
-    out = moe_ffn_dense(
-        x2, ids, weights, leaves["w1"], leaves["w2"], leaves.get("v1"), activation=cfg.activation
-    )
+    experts = (leaves["w1"], leaves["w2"], leaves.get("v1"))
+    if keep is None:
+        out = moe_ffn_dense(x2, ids, weights, *experts, activation=cfg.activation)
+    else:
+        # A dropped assignment is never computed (as in MoE): it contributes exactly 0, even
+        # where its token, its weight or its expert holds a NaN.
+        keep = keep.cpu()
+        out = torch.zeros_like(x2)
+        for j in range(k):
+            tok = keep[:, j].nonzero().flatten()
+            part = moe_ffn_dense(x2[tok], ids[tok, j : j + 1], weights[tok, j : j + 1], *experts, activation=cfg.activation)
+            out = out.index_add(0, tok, part)
     counts = torch.zeros(E, dtype=torch.float64).index_add_(0, ids.reshape(-1), torch.ones(T * k, dtype=torch.float64))
     lb = cfg.load_balancing_loss_weight * E * ((counts / (T * k)) * probs.mean(0)).sum()
     z = cfg.z_loss_weight * torch.logsumexp(logits, -1).pow(2).mean()
