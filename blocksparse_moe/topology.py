@@ -48,7 +48,6 @@ Arrays (int32 on the routing device; direction in brackets):
 from __future__ import annotations
 
 import numbers
-
 from dataclasses import dataclass
 
 import torch
