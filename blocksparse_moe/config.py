@@ -18,9 +18,12 @@ from .ops import BACKENDS
 from .reference import ACTIVATIONS
 from .topology import SUPPORTED_BLOCK_SIZES
 
-__all__ = ["MoEConfig", "ROUTER_SCORES"]
+__all__ = ["MoEConfig", "ROUTER_SCORES", "ROUTING_MODES"]
 
 ROUTER_SCORES = ("softmax", "sigmoid")
+# token_choice: each token picks its top-k experts (dropless); expert_choice: each
+# expert picks its top-C tokens (Zhou et al. 2022; dMoE only).
+ROUTING_MODES = ("token_choice", "expert_choice")
 # The kernels and check_ffn_args accept these; float64 is for the oracle only.
 _LAYER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -66,6 +69,26 @@ class MoEConfig:
         router_bias_update_rate: step ``gamma`` of that update.
         router_uniform: ignore the scores when choosing and assign slot ``t*k + j``
             to expert ``(t*k + j) % E`` (balanced load, for benchmarks).
+        router_groups: ``G``, split the experts into ``G`` groups of ``E / G``
+            consecutive ids (the experts of one node or device); 1 = no groups.
+        router_topk_groups: ``M``, each token picks its k experts among the experts
+            of its best ``M`` groups only (DeepSeek-V2/V3 node-/device-limited
+            routing); ``None`` = ``G`` (no limit). Needs ``M * E / G >= top_k``.
+        router_group_topk: a group's rank is the sum of its best this-many
+            selection scores (DeepSeek-V3: 2; V2: 1, the max); ``None`` =
+            ``min(2, E / G)``.
+        router_scale: multiply the routing weights by this after any
+            renormalisation (DeepSeek's ``routed_scaling_factor``).
+        routing: ``"token_choice"`` (each token its top-k experts) or
+            ``"expert_choice"`` (each expert its top-``capacity(T)`` tokens; dMoE only).
+
+    Shared experts (computed densely on every token, beside the routed ones):
+        num_shared_experts: how many (0: none); they are one dense FFN of width
+            ``shared_ffn_hidden_size``, with the routed experts' activation and GLU.
+        shared_ffn_hidden_size: its width; ``None`` = ``num_shared_experts * ffn_hidden_size``
+            (DeepSeek); Qwen2-MoE gives its own.
+        shared_expert_gate: scale the shared output by ``sigmoid(x @ g)`` per token
+            (Qwen2-MoE's ``shared_expert_gate``).
 
     Losses (returned in ``aux``, already multiplied by their weights):
         load_balancing_loss_weight: weight of ``E * sum_i f_i * P_i``.
@@ -73,7 +96,9 @@ class MoEConfig:
 
     Baseline:
         capacity_factor: :class:`~blocksparse_moe.MoE` keeps at most
-            ``ceil(capacity_factor * T * k / E)`` rows per expert. dMoE ignores it.
+            ``ceil(capacity_factor * T * k / E)`` rows per expert; with
+            ``routing="expert_choice"`` each expert of dMoE picks that many tokens
+            (at most ``T``). Token-choice dMoE ignores it.
 
     Placement:
         backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"``
@@ -97,6 +122,14 @@ class MoEConfig:
     router_selection_bias: bool = False
     router_bias_update_rate: float = 1e-3
     router_uniform: bool = False
+    router_groups: int = 1
+    router_topk_groups: Union[int, None] = None
+    router_group_topk: Union[int, None] = None
+    router_scale: float = 1.0
+    routing: str = "token_choice"
+    num_shared_experts: int = 0
+    shared_ffn_hidden_size: Union[int, None] = None
+    shared_expert_gate: bool = False
     load_balancing_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
     capacity_factor: float = 1.0
@@ -120,7 +153,8 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.activation must be one of {sorted(ACTIVATIONS)} or a callable, got {self.activation!r}"
             )
-        for name in ("glu", "recompute_activation", "router_renormalize", "router_selection_bias", "router_uniform"):
+        for name in ("glu", "recompute_activation", "router_renormalize", "router_selection_bias", "router_uniform",
+                     "shared_expert_gate"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TypeError(f"MoEConfig.{name} must be a bool, got {v!r}")
@@ -132,6 +166,22 @@ class MoEConfig:
             v = getattr(self, name)
             if not _is_real(v) or v < 0:
                 raise ValueError(f"MoEConfig.{name} must be a finite number >= 0, got {v!r}")
+        self._check_groups()
+        self._check_shared()
+        if not _is_real(self.router_scale) or self.router_scale <= 0:
+            raise ValueError(f"MoEConfig.router_scale must be a finite number > 0, got {self.router_scale!r}")
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"MoEConfig.routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.routing == "expert_choice":
+            # These options shape a token's own top-k; an expert ranking tokens has no use
+            # for them, so accepting them silently would mislead.
+            for name, off in (("router_uniform", False), ("router_selection_bias", False),
+                              ("router_renormalize", False), ("router_groups", 1)):
+                if getattr(self, name) != off:
+                    raise ValueError(
+                        f"MoEConfig.{name}={getattr(self, name)!r} does not apply to routing='expert_choice'; "
+                        f"expected {off!r}"
+                    )
         if not _is_real(self.capacity_factor) or self.capacity_factor <= 0:
             raise ValueError(f"MoEConfig.capacity_factor must be a finite number > 0, got {self.capacity_factor!r}")
         if self.backend not in BACKENDS:
@@ -143,6 +193,60 @@ class MoEConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as err:
                 raise ValueError(f"MoEConfig.device must name a torch device, got {self.device!r}") from err
+
+    def _check_groups(self) -> None:
+        E, G = self.num_experts, self.router_groups
+        if not _is_int(G) or G < 1 or E % G:
+            raise ValueError(f"MoEConfig.router_groups must be a positive int dividing num_experts={E}, got {G!r}")
+        M = self.router_topk_groups
+        if M is not None and (not _is_int(M) or not 1 <= M <= G):
+            raise ValueError(f"MoEConfig.router_topk_groups must be None or an int in [1, router_groups={G}], got {M!r}")
+        if M is not None and M * (E // G) < self.top_k:
+            raise ValueError(
+                f"MoEConfig.router_topk_groups={M} leaves {M * (E // G)} experts ({M} groups of {E // G}); "
+                f"expected at least top_k={self.top_k}"
+            )
+        g = self.router_group_topk
+        if g is not None and (not _is_int(g) or not 1 <= g <= E // G):
+            raise ValueError(
+                f"MoEConfig.router_group_topk must be None or an int in [1, experts per group={E // G}], got {g!r}"
+            )
+        if self.router_uniform and self.topk_groups < G:
+            raise ValueError(
+                f"MoEConfig.router_uniform=True ignores the scores, so router_topk_groups={M} cannot limit it; "
+                "expected router_topk_groups=None"
+            )
+
+    def _check_shared(self) -> None:
+        n = self.num_shared_experts
+        if not _is_int(n) or n < 0:
+            raise ValueError(f"MoEConfig.num_shared_experts must be an int >= 0, got {n!r}")
+        f = self.shared_ffn_hidden_size
+        if f is not None and (not _is_int(f) or f < 1):
+            raise ValueError(f"MoEConfig.shared_ffn_hidden_size must be None or a positive int, got {f!r}")
+        if n == 0 and (f is not None or self.shared_expert_gate):
+            raise ValueError(
+                f"MoEConfig.shared_ffn_hidden_size={f!r} / shared_expert_gate={self.shared_expert_gate!r} "
+                "need num_shared_experts >= 1; got num_shared_experts=0"
+            )
+
+    @property
+    def topk_groups(self) -> int:
+        """``M``: the groups each token may pick experts from (``router_groups`` when unlimited)."""
+        return self.router_groups if self.router_topk_groups is None else self.router_topk_groups
+
+    @property
+    def group_topk(self) -> int:
+        """How many of a group's best scores rank it (``router_group_topk``, default ``min(2, E / G)``)."""
+        return min(2, self.num_experts // self.router_groups) if self.router_group_topk is None else self.router_group_topk
+
+    @property
+    def shared_ffn_size(self) -> int:
+        """Width of the dense shared FFN (0 without shared experts)."""
+        if self.num_shared_experts == 0:
+            return 0
+        f = self.shared_ffn_hidden_size
+        return self.num_shared_experts * self.ffn_hidden_size if f is None else f
 
     def capacity(self, num_tokens: int) -> int:
         """Rows per expert of the baseline: ``ceil(capacity_factor * T * k / E)``."""

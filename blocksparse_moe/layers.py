@@ -4,10 +4,13 @@ Both hold the same parameters under the same names, so a state dict moves betwee
 them::
 
     router.weight [E, hidden]   w1 [E, hidden, ffn]   w2 [E, ffn, hidden]   v1 [E, hidden, ffn] (glu)
+    shared_expert.{gate_proj, up_proj, down_proj}.weight, shared_expert_gate.weight  (only when configured)
 
 ``forward(x)`` maps ``[..., hidden]`` to the same shape; ``forward(x, return_aux=True)``
 also returns a :class:`MoEAux` with the (weighted) auxiliary losses and the load.
-Losses are returned, never collected in module-global lists.
+Losses are returned, never collected in module-global lists. Shared experts
+(:mod:`~blocksparse_moe.shared_expert`) are added to the routed output; dMoE also
+routes by expert choice (:mod:`~blocksparse_moe.expert_choice`).
 
 dMoE builds the routing plan and the block-sparse topology once per forward and runs
 :func:`~blocksparse_moe.functional.expert_ffn` on them; nothing is read back to the
@@ -24,10 +27,12 @@ from torch import nn
 
 from .backends.block import _ActThenDown  # noqa: F401 - kept importable from here (it lived here)
 from .config import MoEConfig
+from .expert_choice import expert_choice_ffn, expert_choice_route
 from .functional import routed_ffn
 from .reference import get_activation
-from .router import Router, RouterOutput
+from .router import Router, RouterOutput, router_z_loss
 from .routing import RoutingPlan, plan_routing
+from .shared_expert import add_shared_experts, shared_output
 
 __all__ = ["MoEAux", "dMoE", "MoE"]
 
@@ -43,8 +48,14 @@ class MoEAux:
             capacity drop (a token counts once per expert it chose).
         dropped_tokens: int64 scalar tensor, the (token, expert) assignments dropped
             for capacity; always 0 for dMoE. With ``top_k=1`` this is tokens.
-        expert_ids: ``[T, k]`` the chosen experts (``T`` = tokens after flattening).
-        expert_weights: ``[T, k]`` float32 routing weights.
+        expert_ids: ``[T, k]`` the chosen experts (``T`` = tokens after flattening);
+            with expert choice ``[E, C]``, row ``e`` all ``e``.
+        expert_weights: ``[T, k]`` float32 routing weights; with expert choice ``[E, C]``.
+        unrouted_tokens: int64 scalar tensor, tokens that reached no routed expert
+            (expert choice: no expert picked them; their routed output is zero). 0 for
+            token choice.
+        chosen_tokens: expert choice only: ``[E, C]`` int64, the tokens each expert
+            picked, best first (``None`` for token choice).
     """
 
     load_balancing_loss: torch.Tensor
@@ -53,6 +64,9 @@ class MoEAux:
     dropped_tokens: torch.Tensor
     expert_ids: torch.Tensor
     expert_weights: torch.Tensor
+    # Defaults: the expert-parallel aux (a subclass) is built without them.
+    unrouted_tokens: torch.Tensor = None
+    chosen_tokens: torch.Tensor = None
 
     @property
     def loss(self) -> torch.Tensor:
@@ -60,13 +74,21 @@ class MoEAux:
         return self.load_balancing_loss + self.z_loss
 
 
-def add_expert_parameters(module: nn.Module, config: MoEConfig, num_experts: int) -> None:
+def add_expert_parameters(module: nn.Module, config: MoEConfig, num_experts: int, *, single_device: bool = False) -> None:
     """Give ``module`` a router and ``num_experts`` experts' ``w1``, ``w2`` (and ``v1``), uninitialised.
 
     Shared by :class:`dMoE`, :class:`MoE` and the expert-parallel layer (which holds
     ``E / world_size`` experts), so that their parameter names and shapes match and a
-    state dict moves between them.
+    state dict moves between them. Shared experts and expert choice are computed by
+    the single-device layers only (``single_device=True``); any other caller gets a
+    ``ValueError`` here rather than a layer that silently leaves them out.
     """
+    if not single_device and (config.num_shared_experts or config.routing != "token_choice"):
+        raise ValueError(
+            f"{type(module).__name__}: num_shared_experts={config.num_shared_experts}, "
+            f"routing={config.routing!r} are supported by dMoE / MoE on one device only; expected "
+            "num_shared_experts=0 and routing='token_choice' here"
+        )
     H, ffn = config.hidden_size, config.ffn_hidden_size
     factory = dict(dtype=config.dtype, device=config.device)
     module.router = Router(config)
@@ -86,8 +108,13 @@ class _MoEBase(nn.Module):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         super().__init__()
+        if config.routing == "expert_choice" and type(self)._expert_choice is _MoEBase._expert_choice:
+            raise ValueError(
+                f"{type(self).__name__} routes by token choice only; MoEConfig.routing='expert_choice' needs dMoE"
+            )
         self.config = config
-        add_expert_parameters(self, config, config.num_experts)
+        add_expert_parameters(self, config, config.num_experts, single_device=True)
+        add_shared_experts(self, config)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -97,6 +124,10 @@ class _MoEBase(nn.Module):
             if p is not None:
                 nn.init.normal_(p, std=std)
         self.router.reset_parameters()
+        if self.shared_expert is not None:
+            self.shared_expert.reset_parameters()
+        if self.shared_expert_gate is not None:
+            nn.init.normal_(self.shared_expert_gate.weight, std=std)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -134,12 +165,22 @@ class _MoEBase(nn.Module):
         self._check_input(x)
         cfg = self.config
         x2 = x.reshape(-1, cfg.hidden_size)
-        route = self.router(x2)
-        plan = plan_routing(route.expert_ids, cfg.num_experts)
-        out, dropped = self._experts(x2, route, plan)
+        if cfg.routing == "expert_choice":
+            out, aux = self._expert_choice(x2)
+        else:
+            route = self.router(x2)
+            plan = plan_routing(route.expert_ids, cfg.num_experts)
+            out, dropped = self._experts(x2, route, plan)
+            aux = (route, plan, dropped)
+        shared = shared_output(self, x2)
+        if shared is not None:
+            out = out + shared
         out = out.reshape(x.shape)
         if not return_aux:
             return out
+        if isinstance(aux, MoEAux):
+            return out, aux
+        route, plan, dropped = aux
         lb, z = self.router.losses(route, plan.tokens_per_expert)
         aux = MoEAux(
             load_balancing_loss=lb,
@@ -148,15 +189,56 @@ class _MoEBase(nn.Module):
             dropped_tokens=dropped,
             expert_ids=route.expert_ids,
             expert_weights=route.weights,
+            unrouted_tokens=torch.zeros((), dtype=torch.int64, device=x.device),
         )
         return out, aux
+
+    def _expert_choice(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        raise ValueError(
+            f"{type(self).__name__} routes by token choice only; routing='expert_choice' needs dMoE "
+            f"(MoEConfig.routing={self.config.routing!r})"
+        )
 
     def _experts(self, x: torch.Tensor, route: RouterOutput, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 
 class dMoE(_MoEBase):  # noqa: N801 - the name MegaBlocks gave it
-    """Dropless MoE: every token reaches all k of its experts; no capacity, no padding to one."""
+    """Dropless MoE: every token reaches all k of its experts; no capacity, no padding to one.
+
+    With ``routing="expert_choice"`` each expert takes its top-``C`` tokens instead
+    (``C = config.capacity(T)``, at most ``T``); see :mod:`~blocksparse_moe.expert_choice`.
+    """
+
+    def _expert_choice(self, x):
+        cfg = self.config
+        if self.training and cfg.router_jitter > 0:
+            eps = cfg.router_jitter
+            logits, scores = self.router.scores(x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps))
+        else:
+            logits, scores = self.router.scores(x)
+        C = min(cfg.capacity(x.shape[0]), x.shape[0])
+        tokens, weights = expert_choice_route(scores, C)
+        if cfg.router_scale != 1.0:
+            weights = weights * cfg.router_scale
+        out, unrouted = expert_choice_ffn(
+            x, tokens, weights, self.w1, self.w2, self.v1, cfg.activation,
+            backend=cfg.backend, block_size=cfg.block_size, recompute=cfg.recompute_activation,
+        )  # fmt: skip
+        E = cfg.num_experts
+        zero = torch.zeros((), dtype=torch.int64, device=x.device)
+        aux = MoEAux(
+            # Every expert's load is C by construction: nothing to balance.
+            load_balancing_loss=logits.sum() * 0.0,
+            z_loss=cfg.z_loss_weight * router_z_loss(logits),
+            tokens_per_expert=torch.full((E,), C, dtype=torch.int32, device=x.device),
+            dropped_tokens=zero,
+            expert_ids=torch.arange(E, device=x.device)[:, None].expand(E, C),
+            expert_weights=weights,
+            unrouted_tokens=unrouted,
+            chosen_tokens=tokens,
+        )
+        return out, aux
 
     def _experts(self, x, route, plan):
         cfg = self.config

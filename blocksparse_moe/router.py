@@ -9,7 +9,11 @@ Formulas (``T`` tokens, ``E`` experts, ``k`` choices, ``s`` the scores):
 * softmax scores ``s_t = softmax(x_t W^T)``; sigmoid scores ``s_t = sigmoid(x_t W^T)``.
 * chosen experts ``top-k(s_t + b)``, ``b`` the selection bias (zero unless enabled);
   routing weights ``w_tj = s_t[id_tj]`` (the bias never enters a weight), optionally
-  divided by ``sum_j w_tj``.
+  divided by ``sum_j w_tj``, then multiplied by ``router_scale``.
+* group-limited choice (``router_groups=G``, ``router_topk_groups=M``): group ``g``'s
+  rank is the sum of its best ``router_group_topk`` values of ``s_t + b``; the top-k
+  is taken over the experts of the best ``M`` groups only, so a token's experts lie
+  in at most ``M`` groups (nodes or devices).
 * load-balancing loss ``E * sum_i f_i * P_i`` with ``f_i = c_i / (T k)`` (``c_i`` rows
   routed to expert ``i``) and ``P_i = mean_t p_ti``, ``p`` the softmax scores or, for
   sigmoid scores, the scores normalised per token (``s_ti / sum_i s_ti``).
@@ -26,7 +30,7 @@ from torch import nn
 
 from .config import MoEConfig
 
-__all__ = ["Router", "RouterOutput", "load_balancing_loss", "router_z_loss"]
+__all__ = ["Router", "RouterOutput", "group_limited_topk", "load_balancing_loss", "router_z_loss"]
 
 
 @dataclass
@@ -72,6 +76,41 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+def group_limited_topk(
+    select: torch.Tensor, k: int, groups, topk_groups: int, group_topk: int = 2
+) -> torch.Tensor:
+    """Top-``k`` of ``select [T, E]`` per token among the experts of its best ``topk_groups`` groups.
+
+    ``groups``: an int ``G`` (group ``g`` = experts ``g*E/G .. (g+1)*E/G - 1``, the
+    contiguous placement's nodes) or an integer tensor ``[G, E/G]`` listing each
+    group's experts (any placement's nodes; every expert exactly once, unchecked).
+    A group's rank is the sum of its best ``group_topk`` values (DeepSeek-V3: 2,
+    V2: 1). Returns ``[T, k]`` int64 expert ids, best first. Device ops only.
+    """
+    T, E = select.shape
+    if isinstance(groups, torch.Tensor):
+        members = groups.to(device=select.device, dtype=torch.long)
+        G, per = members.shape
+        grouped = select[:, members.reshape(-1)].view(T, G, per)
+    else:
+        G, per = groups, E // groups
+        members = None
+        grouped = select.view(T, G, per)
+    if not (1 <= topk_groups <= G and topk_groups * per >= k and 1 <= group_topk <= per):
+        raise ValueError(
+            f"topk_groups={topk_groups}, group_topk={group_topk} with {G} groups of {per} experts and k={k}: "
+            f"expected 1 <= topk_groups <= {G}, topk_groups * {per} >= k and 1 <= group_topk <= {per}"
+        )
+    # -inf for the groups left out, so that the top-k below can only reach the kept
+    # ones (the caller has turned NaN scores into finite values, see _choose).
+    rank = grouped.topk(group_topk, dim=-1).values.sum(-1)  # [T, G]
+    keep = torch.zeros(T, G, dtype=torch.bool, device=select.device)
+    keep.scatter_(1, rank.topk(topk_groups, dim=-1).indices, True)
+    masked = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, G * per)
+    ids = masked.topk(k, dim=-1).indices
+    return ids if members is None else members.reshape(-1)[ids]
+
+
 class Router(nn.Module):
     """Linear router without bias: ``weight [E, hidden]``, plus the options of :class:`MoEConfig`."""
 
@@ -100,16 +139,28 @@ class Router(nn.Module):
         if self.training and cfg.router_jitter > 0:
             eps = cfg.router_jitter
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        # Scores in fp32: a bf16 softmax over many experts rounds small probabilities
-        # away and makes near-ties in top-k arbitrary.
-        logits = F.linear(x, self.weight).float()
-        scores = logits.softmax(-1) if cfg.router_score == "softmax" else torch.sigmoid(logits)
+        logits, scores = self.scores(x)
+        if cfg.routing == "expert_choice":
+            raise RuntimeError(
+                "Router.forward chooses experts per token; with routing='expert_choice' the layer calls "
+                "Router.scores and blocksparse_moe.expert_choice.expert_choice_route instead"
+            )
         expert_ids = self._choose(scores)
         weights = scores.gather(1, expert_ids)
         if cfg.router_renormalize:
             # tiny floor: sigmoid scores can underflow to 0 for every chosen expert
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        if cfg.router_scale != 1.0:
+            weights = weights * cfg.router_scale
         return RouterOutput(logits=logits, scores=scores, expert_ids=expert_ids, weights=weights)
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, scores)`` of ``x [T, hidden]``, both ``[T, E]`` float32 (no jitter here)."""
+        # Scores in fp32: a bf16 softmax over many experts rounds small probabilities
+        # away and makes near-ties in top-k arbitrary.
+        logits = F.linear(x, self.weight).float()
+        scores = logits.softmax(-1) if self.config.router_score == "softmax" else torch.sigmoid(logits)
+        return logits, scores
 
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -121,6 +172,11 @@ class Router(nn.Module):
         select = scores.detach()
         if self.selection_bias is not None:
             select = select + self.selection_bias
+        if cfg.topk_groups < cfg.router_groups:
+            # NaN -> the lowest finite value rather than -inf: the groups left out are
+            # -inf, so even a NaN token's k picks stay inside its M groups.
+            select = torch.where(torch.isnan(select), torch.finfo(select.dtype).min, select)
+            return group_limited_topk(select, k, cfg.router_groups, cfg.topk_groups, cfg.group_topk)
         # A NaN token (NaN in x) has NaN scores; topk over NaN may pick any ids, and
         # backends disagree. -inf keeps its choice k distinct valid experts, while its
         # weights (gathered from the NaN scores) still carry the NaN to its own output.
