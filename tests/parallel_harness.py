@@ -44,7 +44,7 @@ SCENARIOS: dict = {}
 # unpickling ``_worker_main``): it imports these so that their scenarios are registered.
 SCENARIO_MODULES = (
     "parallel_scenarios", "parallel_fault_scenarios", "parallel_mesh_scenarios", "parallel_ckpt_scenarios",
-    "parallel_hf_scenarios",
+    "parallel_hf_scenarios", "parallel_comm_scenarios",
 )  # fmt: skip
 
 

@@ -30,9 +30,13 @@ import torch
 
 from .. import ops
 from ..routing import RoutingPlan, _check_id_range, _validate_expert_ids, plan_routing
+from .chunked import expert_exchange
 from .collectives import CollectiveError, Communicator, PeerFailedError, all_to_all
+from .hierarchical import HierarchicalPlan
+from .nodes import HIERARCHIES, NodeLayout
 from .placement import ExpertPlacement
 from .stats import AllToAllStats, CapacityOverflowError
+from .trace import timed
 
 __all__ = ["ExchangeResult", "TokenExchange", "OVERFLOW_POLICIES"]
 
@@ -41,6 +45,20 @@ OVERFLOW_POLICIES = ("error", "drop")
 # expert local_ids[i] through that expert, unweighted; with padded=True, ids equal to the
 # number of local experts mark padding rows, which must come back as zeros.
 ExpertFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+def check_exchange_options(name: str, capacity_per_peer, hierarchy: str, chunks) -> None:
+    """Local checks of the exchange's options (no collective): the same error on every rank given the same values."""
+    where = f"expert-parallel layer {name!r}"
+    if hierarchy not in HIERARCHIES:
+        raise ValueError(f"{where}: hierarchy must be one of {HIERARCHIES}, got {hierarchy!r}")
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"{where}: chunks must be a positive int, got {chunks!r}")
+    if capacity_per_peer is not None and (hierarchy != "flat" or chunks != 1):
+        raise ValueError(
+            f"{where}: capacity_per_peer={capacity_per_peer} runs the flat, single-chunk exchange only; got "
+            f"hierarchy={hierarchy!r}, chunks={chunks} (expected hierarchy='flat', chunks=1, or capacity_per_peer=None)"
+        )
 
 
 @dataclass
@@ -84,6 +102,10 @@ class TokenExchange:
         placement: ExpertPlacement,
         capacity_per_peer: Optional[int] = None,
         capacity_overflow: str = "error",
+        *,
+        layout: Optional[NodeLayout] = None,
+        hierarchy: str = "flat",
+        chunks: int = 1,
     ):
         self.comm = comm
         self.placement = placement
@@ -91,8 +113,15 @@ class TokenExchange:
         self.capacity_overflow = capacity_overflow
         self.rank, self.world_size = comm.rank, comm.world_size
         self.num_local = placement.counts[self.rank]
+        self.layout, self.hierarchy, self.chunks = layout, hierarchy, chunks
+        self.trace = None  # a StageTrace to record per-stage timestamps (see .trace); None records nothing
         # per destination p: its experts' counts and one extra word (see the module docstring)
         self.payload_splits = [c + 1 for c in placement.counts]
+        self.recv_splits = [self.num_local + 1] * self.world_size
+        self.hplan = None
+        if hierarchy == "node":
+            self.hplan = HierarchicalPlan(placement, layout, self.rank)
+            self.payload_splits, self.recv_splits = self.hplan.payload_splits, self.hplan.recv_splits
         self._tables_by_device: dict = {}
 
     def tables(self, device: torch.device) -> _Tables:
@@ -130,11 +159,11 @@ class TokenExchange:
     def announce_failure(self, device: torch.device) -> None:
         """Join the count exchange with -1 everywhere, so the peers raise PeerFailedError instead of waiting."""
         W, El = self.world_size, self.num_local
-        send = torch.full((self.placement.num_experts + W,), -1, dtype=torch.int64, device=device)
-        recv = torch.empty(W * (El + 1), dtype=torch.int64, device=device)
+        send = torch.full((sum(self.payload_splits),), -1, dtype=torch.int64, device=device)
+        recv = torch.empty(sum(self.recv_splits), dtype=torch.int64, device=device)
         what = "count exchange (announcing a failure)"
         try:
-            self.comm.wait(self.comm.start_all_to_all(recv, send, what, [El + 1] * W, self.payload_splits), what)
+            self.comm.wait(self.comm.start_all_to_all(recv, send, what, self.recv_splits, self.payload_splits), what)
         except CollectiveError:
             pass  # the original error is the one to report
 
@@ -160,6 +189,8 @@ class TokenExchange:
 
     def run(self, x, plan: RoutingPlan, weights, expert_fn: ExpertFn, backend: str, anchor) -> ExchangeResult:
         """One forward's exchange. A collective: every rank of the group calls it with its own rows."""
+        if self.hierarchy == "node":
+            return self._run_hierarchical(x, plan, weights, expert_fn, anchor)
         if self.capacity_per_peer is None:
             return self._run_variable(x, plan, weights, expert_fn, backend, anchor)
         return self._run_capacity(x, plan, weights, expert_fn, backend, anchor)
@@ -170,11 +201,13 @@ class TokenExchange:
         # 1. Counts (rank p gets its experts' counts from us); 2. the gather meanwhile
         #    (gloo: the exchange runs on its own thread; NCCL: on its own stream).
         send_counts = plan.tokens_per_expert.to(torch.int64)  # [E] placement order = by destination
-        recv, work = self._exchange_counts(send_counts, send_counts.new_zeros(()), t)
-        x_sorted = ops.gather(x, plan, backend)
-        comm.wait(work, "count exchange (all_to_all_single)")
+        with timed(self.trace, "count exchange"):
+            recv, work = self._exchange_counts(send_counts, send_counts.new_zeros(()), t)
+            x_sorted = ops.gather(x, plan, backend)
+            comm.wait(work, "count exchange (all_to_all_single)")
         # 3. The one host read of the forward: both count vectors in one transfer.
-        host = torch.cat([send_counts, recv]).tolist()
+        with timed(self.trace, "host read"):
+            host = torch.cat([send_counts, recv]).tolist()
         got = host[E:]
         failed = [s for s in range(W) if got[s * (El + 1) + El] < 0]
         if failed:
@@ -182,31 +215,74 @@ class TokenExchange:
         offs = self.placement.rank_offsets
         send_rows = [sum(host[offs[p] : offs[p + 1]]) for p in range(W)]
         recv_rows = [sum(got[s * (El + 1) : s * (El + 1) + El]) for s in range(W)]
-        # 4. Dispatch: rows in placement order are already grouped by destination rank.
-        x_recv = all_to_all(x_sorted, comm, "token dispatch (all_to_all_single)", recv_rows, send_rows, anchor)
+        # 4-6. Dispatch (rows in placement order are already grouped by destination rank and
+        #      expert), the experts, the return: in `chunks` overlapping transfers (.chunked).
         recv_counts = recv.view(W, El + 1)[:, :El]  # [W, E_l] rows from source s for local expert l
-        if El == 0:
-            y_recv = x_recv * 0  # nothing arrives; keeps the return all-to-all in the graph
-        else:  # 5. received rows come source-major, [s][l] blocks
-            local_ids = torch.repeat_interleave(
-                torch.arange(El, device=dev).repeat(W), recv_counts.reshape(-1).to(dev), output_size=sum(recv_rows)
-            )
-            y_recv = expert_fn(x_recv, local_ids, False)
-        # 6. Return: the same splits, swapped; 7. combine with the routing weights.
-        y_sorted = all_to_all(y_recv, comm, "result return (all_to_all_single)", send_rows, recv_rows)
-        out = ops.combine(y_sorted, plan, weights, backend)
+        send_lists = [host[offs[p] : offs[p + 1]] for p in range(W)]
+        recv_lists = [got[s * (El + 1) : s * (El + 1) + El] for s in range(W)]
+        y_sorted = expert_exchange(
+            x_sorted, comm, send_lists, recv_lists, lambda xr, ids: expert_fn(xr, ids, False), chunks=self.chunks,
+            anchor=anchor, trace=self.trace, what="token dispatch", back="result return",
+        )  # fmt: skip
+        # 7. combine with the routing weights.
+        with timed(self.trace, "combine"):
+            out = ops.combine(y_sorted, plan, weights, backend)
         row_bytes = x.shape[1] * x.element_size()
         r = self.rank
-        remote = sum(send_rows) - send_rows[r] + sum(recv_rows) - recv_rows[r]
+        disp = (sum(send_rows) - send_rows[r]) * row_bytes
+        ret = (sum(recv_rows) - recv_rows[r]) * row_bytes
+        cross = None
+        if self.layout is not None:
+            off = [p for p in range(W) if self.layout.node_of[p] != self.layout.node_of[r]]
+            cross = sum(send_rows[p] + recv_rows[p] for p in off) * row_bytes
         stats = AllToAllStats(
-            send_rows=send_rows, recv_rows=recv_rows, bytes_sent=remote * row_bytes, bytes_received=remote * row_bytes,
-            count_bytes=self._count_bytes(send_counts.element_size()),
+            send_rows=send_rows, recv_rows=recv_rows, bytes_sent=disp + ret, bytes_received=disp + ret,
+            count_bytes=self._count_bytes(send_counts.element_size()), cross_node_bytes_sent=cross,
+            cross_node_bytes_received=cross, phase_bytes={"dispatch": disp, "return": ret}, host_reads=1,
+            hierarchy="flat", chunks=self.chunks,
         )  # fmt: skip
         return ExchangeResult(
             out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=recv_counts.sum(0),
             rows_sent=torch.zeros(W, dtype=torch.int64, device=dev).index_add_(0, t.owner, send_counts),
             rows_received=recv_counts.sum(1), dropped=torch.zeros((), dtype=torch.int64, device=dev), stats=stats,
         )  # fmt: skip
+
+    def _run_hierarchical(self, x, plan, weights, expert_fn, anchor) -> ExchangeResult:
+        """Two stages (across nodes once per (token, node), then inside the node): see .hierarchical."""
+        comm, W, El, E, hp = self.comm, self.world_size, self.num_local, self.placement.num_experts, self.hplan
+        dev, t = x.device, self.tables(x.device)
+        send_counts = plan.tokens_per_expert.to(torch.int64)  # [E] placement order
+        expert_ids = self._expert_ids(plan)
+        with timed(self.trace, "count exchange"):
+            per_node, node_e, mask, recv, work = hp.start(comm, expert_ids, send_counts, send_counts.new_zeros(()))
+            comm.wait(work, "count exchange (hierarchical, all_to_all_single)")
+        with timed(self.trace, "host read"):
+            host = torch.cat([send_counts, per_node, recv]).tolist()  # the one host read of the forward
+        sizes = hp.split_sizes(host[:E], host[E : E + hp.num_nodes], host[E + hp.num_nodes :])
+        if sizes["failed"]:
+            raise self._peer_failed(sizes["failed"])
+        out = hp.exchange(
+            comm, x, expert_ids, weights, node_e, mask, sizes, lambda xr, ids: expert_fn(xr, ids, False),
+            self.chunks, anchor, self.trace,
+        )  # fmt: skip
+        mine = recv[hp.tables(dev).mine].view(W, El)
+        st = hp.stats(sizes, x.shape[1] * x.element_size(), x.element_size(), plan.top_k)
+        stats = AllToAllStats(
+            send_rows=sizes["send_rows"], recv_rows=sizes["recv_rows"],
+            count_bytes=self._count_bytes(send_counts.element_size()), host_reads=1, hierarchy="node",
+            chunks=self.chunks, **st,
+        )  # fmt: skip
+        return ExchangeResult(
+            out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=mine.sum(0),
+            rows_sent=torch.zeros(W, dtype=torch.int64, device=dev).index_add_(0, t.owner, send_counts),
+            rows_received=mine.sum(1), dropped=torch.zeros((), dtype=torch.int64, device=dev), stats=stats,
+        )  # fmt: skip
+
+    def _expert_ids(self, plan: RoutingPlan) -> torch.Tensor:
+        """``[T, k]`` global expert ids, rebuilt from the plan (placement order -> global id)."""
+        order = torch.tensor(self.placement.order, dtype=torch.int64, device=plan.device)
+        slot_expert = plan.sorted_expert.long()[plan.slot_to_sorted.long()]  # [T*k] placement order
+        return order[slot_expert].view(plan.num_tokens, plan.top_k)
 
     def _run_capacity(self, x, plan, weights, expert_fn, backend, anchor) -> ExchangeResult:
         comm, W, El = self.comm, self.world_size, self.num_local
@@ -257,6 +333,8 @@ class TokenExchange:
         stats = AllToAllStats(
             send_rows=None, recv_rows=None, bytes_sent=2 * (W - 1) * chunk_bytes,
             bytes_received=2 * (W - 1) * chunk_bytes, count_bytes=self._count_bytes(send_counts.element_size()),
+            # on CPU the peer and overflow checks read the host (free there); elsewhere they are device asserts
+            host_reads=0 if dev.type != "cpu" else 1 + (self.capacity_overflow == "error"),
         )  # fmt: skip
         return ExchangeResult(
             out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=local_counts,

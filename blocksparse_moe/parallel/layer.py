@@ -41,7 +41,8 @@ from ..layers import add_expert_parameters
 from ..routing import RoutingPlan, plan_routing
 from .checks import check_same_config
 from .collectives import Communicator
-from .dispatch import OVERFLOW_POLICIES, TokenExchange
+from .dispatch import OVERFLOW_POLICIES, TokenExchange, check_exchange_options
+from .nodes import mesh_groups, resolve_node_layout
 from .groups import ExpertParallelGroups, resolve_groups
 from .load_stats import ExpertLoadTracker
 from .placement import ExpertPlacement, as_placement
@@ -51,6 +52,7 @@ from .units import ExpertShard
 __all__ = ["AllToAllStats", "CapacityOverflowError", "ExpertParallelAux", "ExpertParallelDMoE", "sync_router_grads"]
 
 _counter = itertools.count()
+DEFAULT_CHUNKS = 1  # measured: docs/parallel.md, "Overlap"
 EXPERT_PARAMS = ("w1", "w2", "v1")
 
 
@@ -107,6 +109,19 @@ class ExpertParallelDMoE(nn.Module):
             on every rank, on an accelerator a device-side assertion) or ``"drop"``
             (the rows past ``B`` in placement order are dropped, counted in
             ``aux.dropped_tokens``).
+        hierarchy: ``"flat"`` (default): one all-to-all over the group each way.
+            ``"node"``: the hierarchical exchange (see :mod:`.hierarchical`): a token
+            crosses to another node once per node holding any of its experts, and a
+            node's experts are summed there before the row travels back. Needs the node
+            layout (``ranks_per_node``, a mesh with dims ``("node", "local")``, or
+            torchrun's ``LOCAL_WORLD_SIZE``). Variable mode only.
+        ranks_per_node: the ranks per node (group rank ``r`` on node
+            ``global_rank // ranks_per_node``); overrides the mesh and ``LOCAL_WORLD_SIZE``.
+            With ``"flat"`` it only adds the cross-node figures to the statistics.
+        chunks: the transfers feeding the experts are cut into this many chunks by
+            groups of local experts, so the experts compute on one chunk while the
+            others travel (forward and backward; see :mod:`.chunked`). Variable mode
+            only; ``1`` (default, measured in docs/parallel.md) is one transfer each way.
         timeout: the longest any one collective of this layer may wait before it
             raises :class:`CollectiveError` (gloo); ``None`` uses the group's timeout.
         name: the layer's name in error messages and statistics (default
@@ -124,6 +139,9 @@ class ExpertParallelDMoE(nn.Module):
         placement=None,
         capacity_per_peer: Optional[int] = None,
         capacity_overflow: str = "error",
+        hierarchy: str = "flat",
+        ranks_per_node: Optional[int] = None,
+        chunks: int = DEFAULT_CHUNKS,
         timeout: Optional[datetime.timedelta] = None,
         name: Optional[str] = None,
         sync_router_init: bool = True,
@@ -138,26 +156,39 @@ class ExpertParallelDMoE(nn.Module):
             raise ValueError(f"capacity_overflow must be one of {OVERFLOW_POLICIES}, got {capacity_overflow!r}")
         super().__init__()
         self.name = name if name is not None else f"ExpertParallelDMoE#{next(_counter)}"
+        check_exchange_options(self.name, capacity_per_peer, hierarchy, chunks)
         self.config = config
         self.capacity_per_peer = capacity_per_peer
         self.capacity_overflow = capacity_overflow
         self.sync_router_init = sync_router_init
         # Local checks first (a mesh without "ep", a bad placement): no collective yet,
         # so every rank given the same arguments raises the same error at once.
+        node_mesh = mesh_groups(group)  # a ("node", "local") mesh: its flattened group and its layout
+        if node_mesh is not None:
+            group = ExpertParallelGroups(ep=node_mesh[0], dp=None, replicated=node_mesh[0])
         self.groups: ExpertParallelGroups = resolve_groups(group, what=f"group of layer {self.name!r}")
         self.comm = Communicator(self.groups.ep, self.name, timeout)
         self.placement: ExpertPlacement = as_placement(
             placement, config.num_experts, self.comm.world_size, what=f"placement of layer {self.name!r}"
         )
+        self.layout = resolve_node_layout(
+            hierarchy, ranks_per_node, self.groups.ep, mesh_layout=None if node_mesh is None else node_mesh[1],
+            what=f"expert-parallel layer {self.name!r}",
+        )  # fmt: skip
+        self.hierarchy, self.chunks = hierarchy, chunks
         self._replicated = Communicator(self.groups.replicated, self.name, timeout)
         self._dp = None if self.groups.dp is None else Communicator(self.groups.dp, self.name, timeout)
         # Collective, before anything is allocated: every rank raises the same error.
         check_same_config(
             self.comm, config,
             extra={"capacity_per_peer": capacity_per_peer, "capacity_overflow": capacity_overflow,
-                   "placement": self.placement.owners, "dp_size": self.groups.dp_size},
+                   "placement": self.placement.owners, "dp_size": self.groups.dp_size, "hierarchy": hierarchy,
+                   "chunks": chunks, "nodes": None if self.layout is None else self.layout.describe()},
         )  # fmt: skip
-        self.exchange = TokenExchange(self.comm, self.placement, capacity_per_peer, capacity_overflow)
+        self.exchange = TokenExchange(
+            self.comm, self.placement, capacity_per_peer, capacity_overflow, layout=self.layout, hierarchy=hierarchy,
+            chunks=chunks,
+        )  # fmt: skip
         self.local_experts = self.placement.experts_of(self.comm.rank)
         self.num_local_experts = len(self.local_experts)
         self.load_tracker = ExpertLoadTracker(self.placement, self.comm.rank)
@@ -165,6 +196,15 @@ class ExpertParallelDMoE(nn.Module):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ properties
+    @property
+    def trace(self):
+        """A :class:`~blocksparse_moe.parallel.trace.StageTrace` recording per-stage timestamps, or ``None`` (default)."""
+        return self.exchange.trace
+
+    @trace.setter
+    def trace(self, value) -> None:
+        self.exchange.trace = value
+
     @property
     def group(self):
         """The expert-parallel process group (the all-to-alls run here)."""
@@ -215,7 +255,7 @@ class ExpertParallelDMoE(nn.Module):
         return (
             f"name={self.name!r}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, experts={c.num_experts} "
             f"({self.num_local_experts} on rank {self.rank} of {self.world_size}: {list(self.local_experts)}){dp}, "
-            f"top_k={c.top_k}, glu={c.glu}, all_to_all={mode}"
+            f"top_k={c.top_k}, glu={c.glu}, all_to_all={mode}, hierarchy={self.hierarchy!r}, chunks={self.chunks}"
         )
 
     # ------------------------------------------------------------------ parameters

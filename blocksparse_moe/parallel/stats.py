@@ -30,6 +30,20 @@ class AllToAllStats:
             all-to-alls (dispatch + return); padding included in fixed-capacity mode.
         bytes_received: bytes it received from other ranks in the two.
         count_bytes: bytes of the count exchange (sent to other ranks).
+        cross_node_bytes_sent / cross_node_bytes_received: the part of ``bytes_sent`` /
+            ``bytes_received`` to / from ranks on other nodes; ``None`` when the layer
+            does not know the node layout (flat, no ``ranks_per_node``, mesh or
+            ``LOCAL_WORLD_SIZE``).
+        meta_bytes: routing metadata sent to other ranks beside the rows (the
+            hierarchical path's weights and int32 expert ids, across nodes); 0 when flat.
+        phase_bytes: ``bytes_sent`` by phase: ``dispatch``, ``return`` (flat), or
+            ``inter_dispatch``, ``intra_dispatch``, ``intra_return``, ``inter_return``
+            (hierarchical); ``None`` in fixed-capacity mode.
+        host_reads: device-to-host reads of this forward (1 variable, 0 fixed capacity on
+            an accelerator; see docs/parallel.md, "Host reads per step").
+        hierarchy / chunks: the exchange that ran (``"flat"`` or ``"node"``) and its chunk count.
+
+    Every figure is reproduced exactly from the routing alone by ``benchmarks/ep_traffic.py``.
     """
 
     send_rows: Optional[list]
@@ -37,6 +51,13 @@ class AllToAllStats:
     bytes_sent: int
     bytes_received: int
     count_bytes: int
+    cross_node_bytes_sent: Optional[int] = None
+    cross_node_bytes_received: Optional[int] = None
+    meta_bytes: int = 0
+    phase_bytes: Optional[dict] = None
+    host_reads: int = 1
+    hierarchy: str = "flat"
+    chunks: int = 1
 
 
 @dataclass
