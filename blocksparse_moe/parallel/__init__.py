@@ -42,6 +42,7 @@ from .layer import (
 )
 from .load_stats import ExpertLoadStats, collect_load_stats
 from .placement import ExpertPlacement
+from .planning import RoutingStats, placement_traffic, plan_placement, routing_stats  # noqa: F401 (issue 14)
 from .sharding import EXPERT_PARAMS, expert_range, gather_state_dict, shard_state_dict
 from .units import ExpertShard, expert_shards
 

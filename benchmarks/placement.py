@@ -1,0 +1,143 @@
+"""``python -m benchmarks.placement``: expert placement and node-limited routing on a skewed synthetic trace.
+
+The trace (CPU, no process group; ranks and nodes are simulated): ``E=64`` experts
+with Zipf(1.2) popularity (expert ``e`` has weight ``rank_e ** -1.2``, ranks a seeded
+permutation, so hot experts are scattered over the contiguous placement) and 32
+correlated pairs (a random matching; each pair shares a Gumbel term, so its two
+experts tend to be picked together). Per token, ``z_e = log p_e + g_e + g_pair(e)``
+(``g`` independent standard Gumbels) and the router's scores are ``softmax(z)``; top-8
+of them is the routing decision. Two traces of the same distribution are drawn:
+placement is planned on the first ("recorded") and measured on the second, so the
+figures are out of sample.
+
+Tokens live on ``W=8`` ranks, ``2`` per node (4 nodes), each rank holding a
+consecutive ``T / W`` of them. For each row of the table:
+
+* balancedness: mean / max of the rows each rank's experts compute;
+* cross-rank rows: rows whose expert is on another rank (the all-to-all's rows today);
+* cross-rank copies, cross-node copies: distinct (token, rank) or (token, node)
+  destinations other than the token's own (a dispatch sending a token once per
+  destination, as DeepSeek's node-limited dispatch does); percentages against the
+  uniform placement.
+
+Run: ``python -m benchmarks.placement`` (about 10 s on a CPU); ``--markdown`` prints
+the table for docs/parallel.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from blocksparse_moe.parallel import ExpertPlacement, plan_placement
+from blocksparse_moe.parallel.planning import placement_traffic, routing_stats
+from blocksparse_moe.router import group_limited_topk
+
+__all__ = ["skewed_trace", "main"]
+
+
+def skewed_trace(num_tokens: int, num_experts: int = 64, zipf: float = 1.2, seed: int = 0, trace_seed: int = 1):
+    """``(scores [T, E], partner [E])`` of the synthetic model above: ``seed`` fixes the experts and
+    their pairs (``partner[e]``), ``trace_seed`` the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    E = num_experts
+    rank = torch.randperm(E, generator=g).double() + 1
+    logp = -zipf * rank.log()
+    partner = torch.empty(E, dtype=torch.long)
+    perm = torch.randperm(E, generator=g)
+    pair_of = torch.empty(E, dtype=torch.long)
+    for i in range(0, E - 1, 2):
+        a, b = perm[i], perm[i + 1]
+        partner[a], partner[b] = b, a
+        pair_of[a] = pair_of[b] = i // 2
+    t = torch.Generator().manual_seed(trace_seed)
+
+    def gumbel(*shape):
+        return -torch.empty(*shape, dtype=torch.float64).exponential_(generator=t).log()
+
+    z = logp + gumbel(num_tokens, E) + gumbel(num_tokens, (E + 1) // 2)[:, pair_of]
+    return z.softmax(-1).float(), partner
+
+
+def _row(name, ids, placement, R, base=None):
+    m = placement_traffic(ids, placement, R)
+    m["name"] = name
+    if base is not None:
+        for key in ("cross_rank_copies", "cross_node_copies"):
+            m[key + "_pct"] = 100.0 * (m[key] - base[key]) / base[key]
+    return m
+
+
+def run(tokens: int = 16384, W: int = 8, R: int = 2, E: int = 64, k: int = 8, M: int = 2, seed: int = 0):
+    recorded, partner = skewed_trace(tokens, E, seed=seed, trace_seed=1)
+    measured, _ = skewed_trace(tokens, E, seed=seed, trace_seed=2)
+    ids_rec = recorded.topk(k, -1).indices
+    ids = measured.topk(k, -1).indices
+    uniform = ExpertPlacement.contiguous(E, W)
+    t0 = time.perf_counter()
+    planned = plan_placement(routing_stats(ids_rec, E), W, R)
+    plan_ms = 1e3 * (time.perf_counter() - t0)
+    N = W // R
+    rows = [_row("uniform placement, top-8", ids, uniform, R)]
+    base = rows[0]
+    rows.append(_row("data-driven placement, top-8", ids, planned, R, base))
+    # node-limited routing: the groups are the nodes of the placement in use
+    nodes_uniform = torch.arange(E).view(N, E // N)
+    nl = group_limited_topk(measured, k, nodes_uniform, M, 2)
+    rows.append(_row(f"uniform placement, node-limited top-8 (M={M} of {N} nodes)", nl, uniform, R, base))
+    nodes_planned = torch.tensor([[e for r in range(n * R, (n + 1) * R) for e in planned.experts_of(r)] for n in range(N)])
+    nl2 = group_limited_topk(measured, k, nodes_planned, M, 2)
+    rows.append(_row(f"data-driven placement, node-limited top-8 (M={M})", nl2, planned, R, base))
+    own = torch.tensor(planned.owners)
+    pairs = dict(same_rank=float((own == own[partner]).double().mean()),
+                 same_node=float((own // R == own[partner] // R).double().mean()))  # fmt: skip
+    return rows, plan_ms, planned, pairs
+
+
+def _plan_time(E=256, W=1024, R=8, tokens=8192, k=8):
+    ids = skewed_trace(tokens, E, seed=1)[0].topk(k, -1).indices
+    stats = routing_stats(ids, E)
+    t0 = time.perf_counter()
+    plan_placement(stats, W, R)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def format_table(rows, markdown: bool) -> str:
+    head = ["routing and placement", "balancedness", "cross-rank rows", "cross-rank copies", "cross-node copies"]
+    body = []
+    for m in rows:
+        pct = lambda key: "" if key + "_pct" not in m else f" ({m[key + '_pct']:+.0f}%)"  # noqa: E731
+        body.append([m["name"], f"{m['balancedness']:.3f}", f"{m['cross_rank_rows']:,} of {m['rows']:,}",
+                     f"{m['cross_rank_copies']:,}{pct('cross_rank_copies')}",
+                     f"{m['cross_node_copies']:,}{pct('cross_node_copies')}"])  # fmt: skip
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + body)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.placement", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--ranks-per-node", type=int, default=2)
+    p.add_argument("--topk-nodes", type=int, default=2, help="M of node-limited routing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", action="store_true")
+    a = p.parse_args(argv)
+    rows, plan_ms, planned, pairs = run(a.tokens, a.world_size, a.ranks_per_node, M=a.topk_nodes, seed=a.seed)
+    print(f"skewed trace: {a.tokens} tokens, E=64, top-8, Zipf 1.2 with 32 correlated pairs; W={a.world_size} "
+          f"simulated, {a.ranks_per_node} ranks per node; planned on one trace, measured on another")  # fmt: skip
+    print(format_table(rows, a.markdown))
+    print(f"plan_placement: {plan_ms:.1f} ms here; E=256, W=1024, 8 ranks per node: {_plan_time():.0f} ms")
+    print(f"data-driven placement: {100 * pairs['same_node']:.0f}% of the experts share a node with their correlated "
+          f"partner, {100 * pairs['same_rank']:.0f}% a rank; {planned.describe()}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
