@@ -9,9 +9,9 @@ that the machine's drift hits both alike; medians and the per-pair ratio
   (a) ``dMoE`` on the same weights and (b) the same block with ``"blocksparse"``;
 * ``generate``: a small random Qwen3-MoE causal LM, prefill of a prompt and greedy
   decode per token, ``"blocksparse"`` against ``"grouped_mm"``, tokens compared;
-* ``memory IMPL SHAPE``: the step's peak resident memory above the set-up state, in a
-  fresh process per implementation (``ru_maxrss``; torch's CPU allocator is not
-  visible to tracemalloc).
+* ``memory``: the step's peak resident memory above the state before it, in a fresh
+  process per implementation (``VmHWM`` reset just before the step; torch's CPU
+  allocator is not visible to tracemalloc), gradients allocated by the step.
 
     python -m benchmarks.vs_hf layer [--shapes e8,e64] [--pairs 5]
     python -m benchmarks.vs_hf generate [--prompt 256] [--new 32]
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
 import statistics
 import subprocess
 import sys
@@ -157,27 +156,37 @@ def run_generate(prompt: int, new: int, pairs: int, seed: int = 0) -> dict:
     return row
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _status_mb(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status``, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def memory_child(impl: str, shape: str) -> None:
-    """In a fresh process: set up one impl, then print the step's peak RSS above the set-up peak."""
+    """In a fresh process: set up one impl, then print the step's peak resident memory above the set-up.
+
+    The peak is reset just before the step (``echo 5 > /proc/self/clear_refs`` sets
+    ``VmHWM`` to the current RSS), so whatever the set-up touched does not hide it.
+    """
     s = LAYER_SHAPES[shape]
-    block = _mixtral_block(s, "grouped_mm" if impl == "hf_grouped_mm" else "blocksparse")
-    module = _dmoe_like(block, s) if impl == "dmoe" else block
-    if impl == "dmoe":
-        del block
+    if impl == "dmoe":  # built directly: the values do not matter for memory, the shapes do
+        cfg = MoEConfig(hidden_size=s["hidden"], ffn_hidden_size=s["ffn"], num_experts=s["experts"],
+                        top_k=s["top_k"], glu=True, activation="silu", router_renormalize=True)  # fmt: skip
+        module = dMoE(cfg)
+    else:
+        module = _mixtral_block(s, "grouped_mm" if impl == "hf_grouped_mm" else "blocksparse")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, s["tokens"], s["hidden"], generator=g)
     grad = torch.randn(1, s["tokens"], s["hidden"], generator=g)
-    # Gradients exist before the measured step, so their memory is part of the set-up.
-    for p in module.parameters():
-        p.grad = torch.zeros_like(p)
+    # As after optimizer.zero_grad() (set_to_none, torch's default): the step allocates the
+    # gradients, so they are part of the peak for every implementation alike.
     gc.collect()
-    before = _rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_mb("VmRSS")
     _layer_step(module, x, grad)
-    print(f"{_rss_mb() - before:.1f}")
+    print(f"{_status_mb('VmHWM') - before:.1f}")
 
 
 def run_memory(shapes) -> list[dict]:

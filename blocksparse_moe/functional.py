@@ -19,7 +19,8 @@ import torch
 
 from . import ops
 from .backends.block import block_ffn
-from .backends.grouped import grouped_ffn, grouped_ffn_composed
+from .backends.grouped import grouped_ffn
+from .backends.grouped_composed import grouped_ffn_composed
 from .reference import activation_name, get_activation
 from .routing import RoutingPlan, plan_routing
 from .topology import SUPPORTED_BLOCK_SIZES, Topology

@@ -14,34 +14,37 @@ so weighting there costs no pass of its own, and the combine becomes a plain
 
 Backward keeps only the pre-activations ``g`` and ``u`` and recomputes ``act`` (and
 ``xs``, one gather) from them, as ``recompute_activation`` does for the block
-backends; nothing of size ``[S, H]`` is saved::
+backends; nothing of size ``[S, H]`` is saved (the routing weight's gradient is a
+dot over ``F``, ``<dh, act(g) * u>``, so ``ys`` is not needed either)::
 
     dys = dy[token]                dh = dys @ w2[e]^T        dw2[e] = h_e^T dys_e
     dw[slot] = <dh, act(g) * u>    d(act(g) * u) = dh * w    -> dg, du (closed-form act')
     dw1[e] = xs_e^T dg_e           dxs = dg @ w1[e]^T + du @ v1[e]^T      dx = index_add(dxs)
 
-The whole forward and the whole backward are two ``torch.library`` custom ops, so
-``torch.compile`` sees one opaque node each: one graph, no data-dependent shapes,
-in every dtype (torch's own ``grouped_mm`` traces only in bf16). A model's fused
+The FFN is two autograd nodes (``up`` and ``down``), each a ``torch.library`` custom
+op with a custom-op backward, so ``torch.compile`` sees opaque nodes: one graph, no
+data-dependent shapes, in every dtype (torch's own ``grouped_mm`` traces only in
+bf16). How the products run per device (loops into reused buffers on a CPU, one
+``F.grouped_mm`` elsewhere) is :class:`~.grouped_mm.GroupedProducts`. A model's fused
 gate/up tensor is taken whole (one GEMM of width ``2F``, concatenated or interleaved
-halves), the way ``transformers`` stores it.
+halves), the way ``transformers`` stores it, and every weight gradient comes in its
+weight's layout.
 
 Extras that model code carries (biases, a class's own gate, a post-expert op, a
-callable activation) go through :func:`grouped_ffn_composed`: the same products as
-differentiable ops, the extras in plain torch between them.
+callable activation) go through :mod:`.grouped_composed`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..routing import RoutingPlan
-from .grouped_mm import gmm, gmm_wgrad
+from .grouped_mm import GroupedProducts, grad_like
 
-__all__ = ["GATE_UP_LAYOUTS", "ACTIVATION_NAMES", "grouped_ffn", "grouped_ffn_composed", "grouped_product"]
+__all__ = ["GATE_UP_LAYOUTS", "ACTIVATION_NAMES", "grouped_ffn"]
 
 Tensor = torch.Tensor
 
@@ -98,103 +101,6 @@ def _split_gate_up(pre1: Tensor, pre3: Tensor, layout: str) -> tuple[Tensor, Opt
     return pre1[:, 0::2], pre1[:, 1::2]
 
 
-def _valid_rows(offs: Tensor, rows: int) -> Tensor:
-    """``[rows, 1]`` mask of the rows some expert owns (no host read)."""
-    return (torch.arange(rows, device=offs.device) < offs[-1:].to(torch.int64))[:, None]
-
-
-#: Rows per chunk of the elementwise work on a CPU: ~1 MB fp32 temporaries at this width.
-_CPU_CHUNK_ELEMENTS = 1 << 18
-
-
-class _Products:
-    """The grouped products of one op call, done the way this device does them fastest.
-
-    On a CPU the offsets are host memory already, so reading them is no sync: each
-    product is a loop of ``torch.mm`` writing **into a buffer the call already has**
-    (``out=``; ``addmm`` to accumulate). A fresh 100 MB tensor costs more in page
-    faults than the matmul work that fills it on a small machine (measured: a new
-    ``[32768, 1024]`` fp32 buffer filled 123 ms, an existing one 36 ms), and
-    ``F.grouped_mm`` always allocates its output. Elementwise work runs in row chunks
-    whose temporaries stay cache-sized and are reused by the allocator.
-    Elsewhere every product is one ``F.grouped_mm`` (offsets stay on the device), the
-    ``out``/``acc`` buffers are only hints, and elementwise work is whole-tensor.
-    """
-
-    def __init__(self, expert_offsets: Tensor, rows: int, loops: bool):
-        self.offs = expert_offsets[1:]
-        self.rows = rows
-        self.host = loops
-        # loops run only on CPU tensors (grouped_ffn checks): .tolist() copies host memory, no sync
-        self.bounds = expert_offsets.tolist() if loops else None
-
-    def chunks(self, width: int):
-        step = max(1, _CPU_CHUNK_ELEMENTS // max(width, 1)) if self.host else max(self.rows, 1)
-        return [slice(i, min(i + step, self.rows)) for i in range(0, self.rows, step)]
-
-    def mm(self, a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """``out[rows of e] = a[rows of e] @ b[e]``; rows past the last expert: unspecified."""
-        if not self.host:
-            return gmm(a, b, self.offs)
-        out = a.new_empty(a.shape[0], b.shape[2]) if out is None else out
-        lo = self.bounds
-        for e in range(b.shape[0]):
-            if lo[e + 1] > lo[e]:
-                torch.mm(a[lo[e] : lo[e + 1]], b[e], out=out[lo[e] : lo[e + 1]])
-        return out
-
-    def mm_acc(self, acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        """``acc[rows of e] += a[rows of e] @ b[e]``."""
-        if not self.host:
-            return acc.add_(gmm(a, b, self.offs))
-        lo = self.bounds
-        for e in range(b.shape[0]):
-            if lo[e + 1] > lo[e]:
-                part = acc[lo[e] : lo[e + 1]]
-                torch.addmm(part, a[lo[e] : lo[e + 1]], b[e], out=part)
-        return acc
-
-    def wgrad(self, a: Tensor, g: Tensor, like: Tensor) -> Tensor:
-        """``out[e] = a[rows of e]^T @ g[rows of e]`` (zero for empty experts), laid out like ``like``.
-
-        A weight stored transposed (``[E, N, K]`` memory, as transformers keeps
-        ``down_proj``) gets its gradient in that layout, so accumulating it into
-        ``.grad`` copies nothing.
-        """
-        transposed = _is_transposed(like)
-        if not self.host:
-            return gmm_wgrad(g, a, self.offs).transpose(1, 2) if transposed else gmm_wgrad(a, g, self.offs)
-        E, K, N = like.shape
-        out = a.new_empty(E, N, K) if transposed else a.new_empty(E, K, N)
-        lo = self.bounds
-        for e in range(E):
-            if lo[e + 1] == lo[e]:
-                out[e].zero_()
-            elif transposed:
-                torch.mm(g[lo[e] : lo[e + 1]].t(), a[lo[e] : lo[e + 1]], out=out[e])
-            else:
-                torch.mm(a[lo[e] : lo[e + 1]].t(), g[lo[e] : lo[e + 1]], out=out[e])
-        return out.transpose(1, 2) if transposed else out
-
-    def zero_tail(self, t: Tensor) -> Tensor:
-        """Zero the rows no expert owns (a padded plan's tail), in place."""
-        if self.host:
-            t[self.bounds[-1] :].zero_()
-            return t
-        return t.masked_fill_(~_valid_rows(self.offs, self.rows), 0)
-
-
-def _is_transposed(w: Tensor) -> bool:
-    return w.dim() == 3 and w.stride(1) == 1 and w.stride(2) != 1 and w.shape[1] > 1
-
-
-def _grad_like(w: Tensor) -> Tensor:
-    """An uninitialised tensor shaped and laid out as :meth:`_Products.wgrad` returns for ``w``."""
-    if _is_transposed(w):
-        return w.new_empty(w.shape[0], w.shape[2], w.shape[1]).transpose(1, 2)
-    return w.new_empty(w.shape)
-
-
 def _index_add_rows(rows: Tensor, index: Tensor, num_out: int) -> Tensor:
     """``out[index[i]] += rows[i]`` in fp32 for half inputs; deterministic on the CPU."""
     acc = torch.zeros(num_out, rows.shape[1], dtype=_compute_dtype(rows.dtype), device=rows.device)
@@ -202,7 +108,8 @@ def _index_add_rows(rows: Tensor, index: Tensor, num_out: int) -> Tensor:
     return acc if acc.dtype == rows.dtype else acc.to(rows.dtype)
 
 
-def _hidden_into(h: Tensor, g: Tensor, u: Optional[Tensor], w_sorted: Optional[Tensor], activation: str, pro: _Products) -> None:
+def _hidden_into(h: Tensor, g: Tensor, u: Optional[Tensor], w_sorted: Optional[Tensor], activation: str,
+                 pro: GroupedProducts) -> None:  # fmt: skip
     """``h = act(g) [* u] [* w]``, chunk by chunk, computed in fp32 for half inputs."""
     cd = _compute_dtype(h.dtype)
     for sl in pro.chunks(h.shape[1]):
@@ -214,162 +121,219 @@ def _hidden_into(h: Tensor, g: Tensor, u: Optional[Tensor], w_sorted: Optional[T
         h[sl] = a
 
 
-# --------------------------------------------------------------------------- forward op
-@torch.library.custom_op("blocksparse_moe::grouped_ffn", mutates_args=())
-def _ffn_op(
-    x: Tensor, weights: Optional[Tensor], w1: Tensor, v1: Optional[Tensor], w2: Tensor,
-    sorted_to_slot: Tensor, slot_to_sorted: Tensor, expert_offsets: Tensor,
-    top_k: int, activation: str, layout: str, padded: bool, loops: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    S, T = sorted_to_slot.shape[0], x.shape[0]
-    pro = _Products(expert_offsets, S, loops)
-    token = torch.div(sorted_to_slot, top_k, rounding_mode="floor").long()
-    xs = x.index_select(0, token)
+def _tokens(sorted_to_slot: Tensor, top_k: int) -> Tensor:
+    return torch.div(sorted_to_slot, top_k, rounding_mode="floor").long()
+
+
+def _sorted_weights(weights: Optional[Tensor], sorted_to_slot: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+    return None if weights is None else weights.reshape(-1)[sorted_to_slot.long()].to(_compute_dtype(dtype))[:, None]
+
+
+# The FFN is two autograd nodes, each a forward op and a backward op:
+#   up:   x -> (g, u)            backward: (dg, du) -> dx, dw1, dv1
+#   down: (g, u), w -> y         backward: dy -> (dg, du), dw, dw2
+# Two nodes rather than one so that autograd frees the down node's saved g, u before
+# the up node's backward allocates its weight gradients: one [S, 2F] less at the
+# backward's peak (measured at E=64: 1.24x -> below transformers' grouped_mm).
+
+
+# --------------------------------------------------------------------------- up: x -> pre-activations
+@torch.library.custom_op("blocksparse_moe::grouped_up", mutates_args=())
+def _up_op(x: Tensor, w1: Tensor, v1: Optional[Tensor], sorted_to_slot: Tensor, expert_offsets: Tensor,
+           top_k: int, layout: str, padded: bool, loops: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+    S = sorted_to_slot.shape[0]
+    pro = GroupedProducts(expert_offsets, S, loops)
+    xs = x.index_select(0, _tokens(sorted_to_slot, top_k))
     pre1 = pro.mm(xs, w1)
     pre3 = pro.mm(xs, v1) if layout == "separate" else x.new_empty(0)
     if padded:  # rows no expert owns: zeros, so every later pass over them stays finite
         pro.zero_tail(pre1)
         if layout == "separate":
             pro.zero_tail(pre3)
+    return pre1, pre3
+
+
+@_up_op.register_fake
+def _(x, w1, v1, sorted_to_slot, expert_offsets, top_k, layout, padded, loops):
+    S = sorted_to_slot.shape[0]
+    return x.new_empty(S, w1.shape[2]), x.new_empty(S, v1.shape[2]) if layout == "separate" else x.new_empty(0)
+
+
+@torch.library.custom_op("blocksparse_moe::grouped_up_backward", mutates_args=())
+def _up_backward_op(d_pre1: Tensor, d_pre3: Tensor, x: Tensor, w1: Tensor, v1: Optional[Tensor],
+                    sorted_to_slot: Tensor, expert_offsets: Tensor, top_k: int, layout: str, padded: bool,
+                    loops: bool, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    need_x, need_w1, need_v1 = needs
+    S, T = sorted_to_slot.shape[0], x.shape[0]
+    pro = GroupedProducts(expert_offsets, S, loops)
+    token = _tokens(sorted_to_slot, top_k)
+    separate = layout == "separate"
+    buf = x.index_select(0, token)  # xs for the weight gradients, then dxs (one buffer)
+    d_w1 = pro.wgrad(buf, d_pre1, w1) if need_w1 else x.new_empty(0)
+    d_v1 = pro.wgrad(buf, d_pre3, v1) if need_v1 and separate else x.new_empty(0)
+    d_x = x.new_empty(0)
+    if need_x:
+        dxs = pro.mm(d_pre1, w1.transpose(1, 2), out=buf)
+        if separate:
+            dxs = pro.mm_acc(dxs, d_pre3, v1.transpose(1, 2))
+        if padded:
+            pro.zero_tail(dxs)
+        d_x = _index_add_rows(dxs, token, T)
+    return d_x, d_w1, d_v1
+
+
+@_up_backward_op.register_fake
+def _(d_pre1, d_pre3, x, w1, v1, sorted_to_slot, expert_offsets, top_k, layout, padded, loops, needs):
+    need_x, need_w1, need_v1 = needs
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        grad_like(w1) if need_w1 else x.new_empty(0),
+        grad_like(v1) if need_v1 and layout == "separate" else x.new_empty(0),
+    )
+
+
+def _up_setup(ctx, inputs, output):
+    x, w1, v1, s2s, offsets, top_k, layout, padded, loops = inputs
+    ctx.save_for_backward(x, w1, v1, s2s, offsets)
+    ctx.static = (top_k, layout, padded, loops)
+
+
+def _up_backward(ctx, d_pre1, d_pre3):
+    x, w1, v1, s2s, offsets = ctx.saved_tensors
+    top_k, layout, padded, loops = ctx.static
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], v1 is not None and n[2]]
+    d_pre3 = d_pre3 if d_pre3 is not None else x.new_empty(0)
+    d_x, d_w1, d_v1 = _up_backward_op(d_pre1.contiguous(), d_pre3.contiguous(), x, w1, v1, s2s, offsets, top_k,
+                                      layout, padded, loops, needs)  # fmt: skip
+    return d_x if n[0] else None, d_w1 if n[1] else None, d_v1 if needs[2] else None, None, None, None, None, None, None
+
+
+_up_op.register_autograd(_up_backward, setup_context=_up_setup)
+
+
+# --------------------------------------------------------------------------- down: pre-activations -> y
+@torch.library.custom_op("blocksparse_moe::grouped_down", mutates_args=())
+def _down_op(pre1: Tensor, pre3: Tensor, weights: Optional[Tensor], w2: Tensor, sorted_to_slot: Tensor,
+             expert_offsets: Tensor, num_tokens: int, top_k: int, activation: str, layout: str, padded: bool,
+             loops: bool) -> Tensor:  # fmt: skip
+    S = sorted_to_slot.shape[0]
+    pro = GroupedProducts(expert_offsets, S, loops)
     g, u = _split_gate_up(pre1, pre3, layout)
-    w_sorted = None if weights is None else weights.reshape(-1)[sorted_to_slot.long()].to(_compute_dtype(x.dtype))[:, None]
-    h = x.new_empty(S, w2.shape[1])
-    _hidden_into(h, g, u, w_sorted, activation, pro)
-    ys = pro.mm(h, w2, out=xs)  # xs is dead: its buffer takes the output
+    h = pre1.new_empty(S, w2.shape[1])
+    _hidden_into(h, g, u, _sorted_weights(weights, sorted_to_slot, pre1.dtype), activation, pro)
+    ys = pro.mm(h, w2)
     del h
     if padded:
         pro.zero_tail(ys)
-    return _index_add_rows(ys, token, T), pre1, pre3
+    return _index_add_rows(ys, _tokens(sorted_to_slot, top_k), num_tokens)
 
 
-@_ffn_op.register_fake
-def _(x, weights, w1, v1, w2, sorted_to_slot, slot_to_sorted, expert_offsets, top_k, activation, layout, padded, loops):
-    S = sorted_to_slot.shape[0]
-    pre3 = x.new_empty(S, v1.shape[2]) if layout == "separate" else x.new_empty(0)
-    return x.new_empty(x.shape), x.new_empty(S, w1.shape[2]), pre3
+@_down_op.register_fake
+def _(pre1, pre3, weights, w2, sorted_to_slot, expert_offsets, num_tokens, top_k, activation, layout, padded, loops):
+    return pre1.new_empty(num_tokens, w2.shape[2])
 
 
-# --------------------------------------------------------------------------- backward op
-def _backward_elementwise(dh, g, u, w_sorted, activation, pro, hw, du, dw_sorted) -> None:
-    """From ``dh = d(down input)``: ``hw = act(g) [* u] * w`` (for dw2), ``dw``, ``du``, and ``dg`` into ``dh``.
+def _down_operand_pass(dh, g, u, w_sorted, activation, pro, hw, dw_sorted) -> None:
+    """Pass 1 of backward: ``hw = act(g) [* u] * w`` (dw2's operand) and ``dw[row] = <dh, act(g) [* u]>``."""
+    cd = _compute_dtype(dh.dtype)
+    for sl in pro.chunks(dh.shape[1]):
+        r = _act_fwd(activation, g[sl].to(cd))
+        if u is not None:
+            r.mul_(u[sl])
+        if dw_sorted is not None:
+            dw_sorted[sl] = torch.einsum("sf,sf->s", dh[sl].to(cd), r)
+        if hw is not None:
+            hw[sl] = r if w_sorted is None else r.mul_(w_sorted[sl])
 
-    Chunk by chunk, in fp32 for half inputs; ``hw``/``du``/``dw_sorted`` may be None
-    when not needed (``dw_sorted`` needs ``w_sorted``).
+
+def _gate_up_grad_pass(dh, g, u, w_sorted, activation, pro, dg, du) -> None:
+    """Pass 2 of backward: ``du = dh * w * act(g)`` and ``dg = dh * w [* u] * act'(g)`` (``dg`` may be ``dh``).
+
+    Two passes rather than one, so that dw2's operand is consumed (and its buffer
+    free for ``du``) before ``du`` is written: one ``[S, F]`` buffer less at the peak,
+    and one fresh allocation less; the activation is recomputed per cache-sized chunk.
     """
     cd = _compute_dtype(dh.dtype)
     for sl in pro.chunks(dh.shape[1]):
         a, da_dg = _act_fwd_grad(activation, g[sl].to(cd))
-        d = dh[sl].to(cd)
-        r = a if u is None else a * u[sl]
-        if dw_sorted is not None:
-            dw_sorted[sl] = torch.einsum("sf,sf->s", d, r)
-        if hw is not None:
-            hw[sl] = r if w_sorted is None else r * w_sorted[sl]
+        d = dh[sl].to(cd)  # for fp32 a view: dh is dead after this pass (or becomes dg), so in place is fine
         if w_sorted is not None:
-            d.mul_(w_sorted[sl])  # now d(act(g) [* u])
+            d.mul_(w_sorted[sl])
         if du is not None:
             du[sl] = d * a
         if u is not None:
-            d.mul_(u[sl])
-        dh[sl] = d.mul_(da_dg)
+            da_dg.mul_(u[sl])
+        dg[sl] = da_dg.mul_(d)
 
 
-@torch.library.custom_op("blocksparse_moe::grouped_ffn_backward", mutates_args=())
-def _ffn_backward_op(
-    dy: Tensor, x: Tensor, weights: Optional[Tensor], w1: Tensor, v1: Optional[Tensor], w2: Tensor,
-    pre1: Tensor, pre3: Tensor, sorted_to_slot: Tensor, slot_to_sorted: Tensor, expert_offsets: Tensor,
-    top_k: int, activation: str, layout: str, padded: bool, loops: bool, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    need_x, need_w, need_w1, need_v1, need_w2 = needs
-    S, T = sorted_to_slot.shape[0], x.shape[0]
-    pro = _Products(expert_offsets, S, loops)
-    slot = sorted_to_slot.long()
-    token = torch.div(sorted_to_slot, top_k, rounding_mode="floor").long()
-    cd = _compute_dtype(x.dtype)
-    fused = layout in ("concat", "interleave")
+@torch.library.custom_op("blocksparse_moe::grouped_down_backward", mutates_args=())
+def _down_backward_op(dy: Tensor, pre1: Tensor, pre3: Tensor, weights: Optional[Tensor], w2: Tensor,
+                      sorted_to_slot: Tensor, expert_offsets: Tensor, top_k: int, activation: str, layout: str,
+                      padded: bool, loops: bool, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    need_pre, need_w, need_w2 = needs
+    S, T = sorted_to_slot.shape[0], dy.shape[0]
+    pro = GroupedProducts(expert_offsets, S, loops)
     g, u = _split_gate_up(pre1, pre3, layout)
-    w_sorted = None if weights is None else weights.reshape(-1)[slot].to(cd)[:, None]
-
-    buf = dy.index_select(0, token)  # [S, H]: dys now, xs later, dxs last (one buffer)
-    dh = pro.mm(buf, w2.transpose(1, 2))  # d(down input) [S, F]
+    w_sorted = _sorted_weights(weights, sorted_to_slot, pre1.dtype)
+    dys = dy.index_select(0, _tokens(sorted_to_slot, top_k))
+    dh = pro.mm(dys, w2.transpose(1, 2))  # d(down input) [S, F]
     if padded:
         pro.zero_tail(dh)
     F = dh.shape[1]
-    hw = x.new_empty(S, F) if need_w2 else None
-    dw_sorted = x.new_empty(S, dtype=cd) if need_w and w_sorted is not None else None
-    d_gate_up = x.new_empty(S, 2 * F) if fused else None
-    dg_out, du_out = _split_gate_up(d_gate_up, d_gate_up, layout) if fused else (dh, None)
-    if u is not None and not fused:
-        du_out = x.new_empty(S, F)
-    _backward_elementwise(dh, g, u, w_sorted, activation, pro, hw, du_out, dw_sorted)
-    if fused:
-        dg_out.copy_(dh)
-    del dh
-    d_w2 = pro.wgrad(hw, buf, w2) if need_w2 else x.new_empty(0)
-    del hw
-    d_weights = x.new_empty(0)
+    hw = pre1.new_empty(S, F) if need_w2 else None
+    dw_sorted = pre1.new_empty(S, dtype=_compute_dtype(pre1.dtype)) if need_w and w_sorted is not None else None
+    if hw is not None or dw_sorted is not None:
+        _down_operand_pass(dh, g, u, w_sorted, activation, pro, hw, dw_sorted)
+    d_w2 = pro.wgrad(hw, dys, w2) if need_w2 else pre1.new_empty(0)
+    del dys
+    d_weights = pre1.new_empty(0)
     if dw_sorted is not None:
+        slot = sorted_to_slot.long()
         d_weights = torch.empty_like(dw_sorted).index_copy_(0, slot, dw_sorted).view(T, top_k).to(weights.dtype)
-
-    dg, du = (d_gate_up, None) if fused else (dg_out, du_out)
-    d_w1, d_v1 = x.new_empty(0), x.new_empty(0)
-    if need_w1 or need_v1:
-        xs = torch.index_select(x, 0, token, out=buf)
-        if need_w1:
-            d_w1 = pro.wgrad(xs, dg, w1)
-        if need_v1 and du is not None:
-            d_v1 = pro.wgrad(xs, du, v1)
-    d_x = x.new_empty(0)
-    if need_x:
-        dxs = pro.mm(dg, w1.transpose(1, 2), out=buf)
-        if du is not None:
-            dxs = pro.mm_acc(dxs, du, v1.transpose(1, 2))
-        if padded:
-            pro.zero_tail(dxs)
-        d_x = _index_add_rows(dxs, token, T)
-    return d_x, d_weights, d_w1, d_v1, d_w2
+    d_pre1, d_pre3 = pre1.new_empty(0), pre1.new_empty(0)
+    if need_pre:
+        if layout in ("concat", "interleave"):  # both halves in one buffer, as the up GEMM wrote them
+            d_pre1 = pre1.new_empty(S, 2 * F)
+            dg, du = _split_gate_up(d_pre1, d_pre1, layout)
+        else:
+            dg = d_pre1 = dh  # dg overwrites dh in place; du takes hw's buffer once hw is consumed
+            du = None if u is None else (hw if hw is not None else pre1.new_empty(S, F))
+            d_pre3 = du if du is not None else d_pre3
+        _gate_up_grad_pass(dh, g, u, w_sorted, activation, pro, dg, du)
+    return d_pre1, d_pre3, d_weights, d_w2
 
 
-@_ffn_backward_op.register_fake
-def _(dy, x, weights, w1, v1, w2, pre1, pre3, sorted_to_slot, slot_to_sorted, expert_offsets,
-      top_k, activation, layout, padded, loops, needs):  # fmt: skip
-    need_x, need_w, need_w1, need_v1, need_w2 = needs
+@_down_backward_op.register_fake
+def _(dy, pre1, pre3, weights, w2, sorted_to_slot, expert_offsets, top_k, activation, layout, padded, loops, needs):
+    need_pre, need_w, need_w2 = needs
+    e = lambda: pre1.new_empty(0)  # noqa: E731
     return (
-        x.new_empty(x.shape) if need_x else x.new_empty(0),
-        x.new_empty(weights.shape, dtype=weights.dtype) if need_w and weights is not None else x.new_empty(0),
-        _grad_like(w1) if need_w1 else x.new_empty(0),
-        _grad_like(v1) if need_v1 and layout == "separate" else x.new_empty(0),
-        _grad_like(w2) if need_w2 else x.new_empty(0),
+        pre1.new_empty(pre1.shape) if need_pre else e(),
+        pre1.new_empty(pre3.shape) if need_pre and layout == "separate" else e(),
+        pre1.new_empty(weights.shape, dtype=weights.dtype) if need_w and weights is not None else e(),
+        grad_like(w2) if need_w2 else e(),
     )
 
 
-def _setup(ctx, inputs, output):
-    x, weights, w1, v1, w2, s2s, slot2s, offsets, top_k, activation, layout, padded, loops = inputs
-    _, pre1, pre3 = output
-    ctx.save_for_backward(x, weights, w1, v1, w2, pre1, pre3, s2s, slot2s, offsets)
+def _down_setup(ctx, inputs, output):
+    pre1, pre3, weights, w2, s2s, offsets, num_tokens, top_k, activation, layout, padded, loops = inputs
+    ctx.save_for_backward(pre1, pre3, weights, w2, s2s, offsets)
     ctx.static = (top_k, activation, layout, padded, loops)
 
 
-def _backward(ctx, dy, _dpre1, _dpre3):
-    x, weights, w1, v1, w2, pre1, pre3, s2s, slot2s, offsets = ctx.saved_tensors
+def _down_backward(ctx, dy):
+    pre1, pre3, weights, w2, s2s, offsets = ctx.saved_tensors
     top_k, activation, layout, padded, loops = ctx.static
     n = ctx.needs_input_grad
-    needs = [n[0], weights is not None and n[1], n[2], v1 is not None and n[3], n[4]]
-    d_x, d_w, d_w1, d_v1, d_w2 = _ffn_backward_op(
-        dy.contiguous(), x, weights, w1, v1, w2, pre1, pre3, s2s, slot2s, offsets, top_k, activation, layout,
-        padded, loops, needs,
-    )  # fmt: skip
-    return (
-        d_x if n[0] else None,
-        d_w if needs[1] else None,
-        d_w1 if n[2] else None,
-        d_v1 if needs[3] else None,
-        d_w2 if n[4] else None,
-        None, None, None, None, None, None, None, None,
-    )  # fmt: skip
+    needs = [n[0] or n[1], weights is not None and n[2], n[3]]
+    d_pre1, d_pre3, d_w, d_w2 = _down_backward_op(dy.contiguous(), pre1, pre3, weights, w2, s2s, offsets, top_k,
+                                                  activation, layout, padded, loops, needs)  # fmt: skip
+    return (d_pre1 if needs[0] else None, d_pre3 if needs[0] and layout == "separate" else None,
+            d_w if needs[1] else None, d_w2 if n[3] else None) + (None,) * 8  # fmt: skip
 
 
-_ffn_op.register_autograd(_backward, setup_context=_setup)
+_down_op.register_autograd(_down_backward, setup_context=_down_setup)
 
 
 def grouped_ffn(
@@ -407,103 +371,7 @@ def grouped_ffn(
         raise ValueError(
             f"v1 is given exactly when layout='separate'; got layout={layout!r}, v1 {'set' if v1 is not None else 'None'}"
         )
-    y, _, _ = _ffn_op(
-        x, weights, w1, v1, w2, plan.sorted_to_slot, plan.slot_to_sorted, plan.expert_offsets,
-        plan.top_k, activation, layout, padded, products == "loops",
-    )  # fmt: skip
-    return y
-
-
-# --------------------------------------------------------------------------- composed path
-@torch.library.custom_op("blocksparse_moe::grouped_product", mutates_args=())
-def _product_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    return gmm(a, b, offs)
-
-
-@_product_op.register_fake
-def _(a, b, offs):
-    return a.new_empty(a.shape[0], b.shape[2])
-
-
-def _product_setup(ctx, inputs, output):
-    a, b, offs = inputs
-    ctx.save_for_backward(a, b, offs)
-
-
-def _product_backward(ctx, grad):
-    a, b, offs = ctx.saved_tensors
-    grad = grad.contiguous()
-    da = _product_op(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-    db = _wgrad_op(a, grad, offs) if ctx.needs_input_grad[1] else None
-    return da, db, None
-
-
-_product_op.register_autograd(_product_backward, setup_context=_product_setup)
-
-
-@torch.library.custom_op("blocksparse_moe::grouped_wgrad", mutates_args=())
-def _wgrad_op(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
-    return gmm_wgrad(a, g, offs)
-
-
-@_wgrad_op.register_fake
-def _(a, g, offs):
-    return a.new_empty(offs.shape[0], a.shape[1], g.shape[1])
-
-
-def grouped_product(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    """Differentiable ``out[rows of e] = a[rows of e] @ b[e]``; rows past ``offs[-1]`` are unspecified."""
-    return _product_op(a, b, offs)
-
-
-def grouped_ffn_composed(
-    x: Tensor,
-    plan: RoutingPlan,
-    weights: Optional[Tensor],
-    w1: Tensor,
-    w2: Tensor,
-    v1: Optional[Tensor] = None,
-    *,
-    activation: Callable[[Tensor], Tensor],
-    b1: Optional[Tensor] = None,
-    bv: Optional[Tensor] = None,
-    b2: Optional[Tensor] = None,
-    gate: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-    post: Optional[Callable[[Tensor], Tensor]] = None,
-    padded: bool = False,
-) -> Tensor:
-    """The grouped FFN with model extras, each in plain torch between differentiable grouped products.
-
-    ``FFN_e(x) = post(g(x @ w1[e] + b1[e], x @ v1[e] + bv[e]) @ w2[e] + b2[e])`` with
-    ``g = gate`` or ``act(h1) [* h3]``; shapes as :func:`grouped_ffn` (``separate``/``mlp``).
-    """
-    S, T = plan.num_slots, plan.num_tokens
-    offs = plan.expert_offsets[1:]
-    token = torch.div(plan.sorted_to_slot, plan.top_k, rounding_mode="floor").long()
-    expert = plan.sorted_expert.long().clamp(max=w1.shape[0] - 1)  # padded rows: any real expert, masked below
-    xs = x.index_select(0, token)
-    h1 = grouped_product(xs, w1, offs)
-    if b1 is not None:
-        h1 = h1 + b1.index_select(0, expert)
-    if v1 is None:
-        h = activation(h1)
-    else:
-        h3 = grouped_product(xs, v1, offs)
-        if bv is not None:
-            h3 = h3 + bv.index_select(0, expert)
-        h = gate(h1, h3) if gate is not None else activation(h1) * h3
-    valid = _valid_rows(offs, S) if padded else None
-    if valid is not None:
-        h = torch.where(valid, h, h.new_zeros(()))
-    ys = grouped_product(h.to(w2.dtype), w2, offs)
-    if b2 is not None:
-        ys = ys + b2.index_select(0, expert)
-    if post is not None:
-        ys = post(ys).to(x.dtype)
-    if weights is not None:
-        ys = ys * weights.reshape(-1)[plan.sorted_to_slot.long()].to(ys.dtype)[:, None]
-    if valid is not None:
-        ys = torch.where(valid, ys, ys.new_zeros(()))
-    acc_dtype = _compute_dtype(ys.dtype)
-    y = torch.zeros(T, ys.shape[1], dtype=acc_dtype, device=ys.device).index_add(0, token, ys.to(acc_dtype))
-    return y.to(x.dtype)
+    loops = products == "loops"
+    pre1, pre3 = _up_op(x, w1, v1, plan.sorted_to_slot, plan.expert_offsets, plan.top_k, layout, padded, loops)
+    return _down_op(pre1, pre3, weights, w2, plan.sorted_to_slot, plan.expert_offsets, plan.num_tokens, plan.top_k,
+                    activation, layout, padded, loops)  # fmt: skip

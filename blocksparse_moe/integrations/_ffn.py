@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..backends.grouped import grouped_ffn_composed
+from ..backends.grouped_composed import grouped_ffn_composed
 from ..functional import check_ffn_args, routed_ffn
 from ..reference import get_activation
 from ..routing import plan_routing
