@@ -21,13 +21,15 @@ STAT_FIELDS = ("send_rows", "recv_rows", "bytes_sent", "bytes_received", "count_
                "cross_node_bytes_received", "meta_bytes", "phase_bytes", "hierarchy", "chunks")  # fmt: skip
 
 
-def run_against_single(rank, W, *, tokens, E, k, H=32, ffn=32, hot_rank=None, glu=False, placement=None, **layer):
+def run_against_single(rank, W, *, tokens, E, k, H=32, ffn=32, hot_rank=None, glu=False, placement=None, mesh=False,
+                       **layer):  # fmt: skip
     import torch
     import torch.distributed as dist
 
     from blocksparse_moe import MoEConfig, dMoE
     from blocksparse_moe.parallel import ExpertParallelDMoE, shard_state_dict
 
+    tokens = tokens[:W]
     act = dict(glu=True, activation="silu") if glu else {}
     cfg = MoEConfig(hidden_size=H, ffn_hidden_size=ffn, num_experts=E, top_k=k, block_size=16, backend="torch", **act)
     full = make_full(cfg, hot_rank=hot_rank, world_size=W)
@@ -38,7 +40,12 @@ def run_against_single(rank, W, *, tokens, E, k, H=32, ffn=32, hot_rank=None, gl
     out_all = ref(x_all)
     (out_all * torch.cat(gs)).sum().backward()
 
-    ep = ExpertParallelDMoE(cfg, placement=placement, name="comm", sync_router_init=False, **layer)
+    group = None
+    if mesh:  # the node layout from a ("node", "local") mesh, not from LOCAL_WORLD_SIZE
+        from torch.distributed.device_mesh import init_device_mesh
+
+        group = init_device_mesh("cpu", (2, W // 2), mesh_dim_names=("node", "local"))
+    ep = ExpertParallelDMoE(cfg, group, placement=placement, name="comm", sync_router_init=False, **layer)
     ep.load_state_dict(shard_state_dict(full.state_dict(), ep))
     x = xs[rank].clone().requires_grad_()
     out, aux = ep(x, return_aux=True)
@@ -83,6 +90,7 @@ _case("comm_node_glu_k3", tokens=[6, 11, 4, 8], E=8, k=3, glu=True, hierarchy="n
 # every token's experts on the last rank (node 1): one row per token crosses, not k
 _case("comm_node_hot", tokens=[9, 6, 7, 3], E=8, k=2, hot_rank=3, hierarchy="node", chunks=1)
 _case("comm_flat_hot", tokens=[9, 6, 7, 3], E=8, k=2, hot_rank=3, hierarchy="flat", chunks=1)
+_case("comm_node_mesh", tokens=[7, 12, 3, 9], E=8, k=2, hierarchy="node", chunks=2, mesh=True)
 # a rank with no tokens, a rank with no expert, E not a multiple of the chunks
 _case("comm_node_sparse", tokens=[0, 10, 5, 8], E=6, k=2, placement=[0, 0, 0, 2, 3, 3], hierarchy="node", chunks=3)
 

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 EQUAL = ["comm_flat_c1", "comm_flat_c2", "comm_node_c1", "comm_node_c2", "comm_node_glu_k3", "comm_node_hot",
-         "comm_flat_hot", "comm_node_sparse"]  # fmt: skip
+         "comm_flat_hot", "comm_node_sparse", "comm_node_mesh"]  # fmt: skip
+TWO = ["comm_flat_c1", "comm_node_c2", "comm_node_glu_k3"]  # 2 ranks = 2 nodes of 1 (LOCAL_WORLD_SIZE=1)
 FAULTS = ["comm_mismatch_hierarchy", "comm_mismatch_chunks", "comm_mismatch_nodes", "comm_bad_options",
           "comm_bad_input_node"]  # fmt: skip
 ENV = {"LOCAL_WORLD_SIZE": "2"}
@@ -34,6 +35,11 @@ ENV = {"LOCAL_WORLD_SIZE": "2"}
 @pytest.fixture(scope="module")
 def four():
     return harness.launch(4, EQUAL + FAULTS, timeout=120, pg_timeout=30, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def two():
+    return harness.launch(2, TWO, timeout=60, pg_timeout=20, env={"LOCAL_WORLD_SIZE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +52,14 @@ def _expected(res):
                          hierarchy=res["stats"]["hierarchy"])  # fmt: skip
 
 
-@pytest.mark.parametrize("name", EQUAL)
-def test_equals_one_process_and_the_simulator(four, name):
-    per_rank = four.check(name)
+@pytest.mark.parametrize("launch,name", [("four", n) for n in EQUAL] + [("two", n) for n in TWO])
+def test_equals_one_process_and_the_simulator(request, launch, name):
+    launch = request.getfixturevalue(launch)
+    per_rank = launch.check(name)
+    W = launch.world_size
     expected = _expected(per_rank[0])
     for rank, res in enumerate(per_rank):
-        assert res["node_of"] == [0, 0, 1, 1]
+        assert res["node_of"] == [r // (W // 2) for r in range(W)]
         for field, value in expected[rank].items():
             assert res["stats"][field] == value, (name, rank, field, res["stats"][field], value)
 
