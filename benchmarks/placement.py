@@ -93,7 +93,23 @@ def run(tokens: int = 16384, W: int = 8, R: int = 2, E: int = 64, k: int = 8, M:
     own = torch.tensor(planned.owners)
     pairs = dict(same_rank=float((own == own[partner]).double().mean()),
                  same_node=float((own // R == own[partner] // R).double().mean()))  # fmt: skip
+    pairs["hot8_everywhere"] = {name: hot_everywhere_copies(ids, pl, R, 8) for name, pl in
+                                (("uniform", uniform), ("data-driven", planned))}  # fmt: skip
     return rows, plan_ms, planned, pairs
+
+
+def hot_everywhere_copies(ids, placement, R, hot: int) -> int:
+    """Projection (replicas are not implemented): cross-node copies if the ``hot`` most loaded
+    experts had a replica on every node, so that their rows stay on the token's node."""
+    T, W = ids.shape[0], placement.world_size
+    load = torch.zeros(placement.num_experts).index_add_(0, ids.reshape(-1), torch.ones(ids.numel()))
+    is_hot = torch.zeros(placement.num_experts, dtype=torch.bool)
+    is_hot[load.argsort(descending=True, stable=True)[:hot]] = True
+    home = torch.arange(T) * W // T // R
+    node = torch.where(is_hot[ids], home[:, None], torch.tensor(placement.owners)[ids] // R)
+    hit = torch.zeros(T, W // R, dtype=torch.bool).scatter_(1, node, True)
+    hit[torch.arange(T), home] = False
+    return int(hit.sum())
 
 
 def _plan_time(E=256, W=1024, R=8, tokens=8192, k=8):
@@ -135,6 +151,10 @@ def main(argv=None) -> None:
           f"simulated, {a.ranks_per_node} ranks per node; planned on one trace, measured on another")  # fmt: skip
     print(format_table(rows, a.markdown))
     print(f"plan_placement: {plan_ms:.1f} ms here; E=256, W=1024, 8 ranks per node: {_plan_time():.0f} ms")
+    h = pairs["hot8_everywhere"]
+    print(f"projection (replicas not implemented): the 8 hottest experts on every node would leave "
+          f"{h['uniform']:,} cross-node copies (uniform) / {h['data-driven']:,} (data-driven), "
+          f"{100 * (h['data-driven'] - rows[0]['cross_node_copies']) / rows[0]['cross_node_copies']:+.0f}% against uniform")
     print(f"data-driven placement: {100 * pairs['same_node']:.0f}% of the experts share a node with their correlated "
           f"partner, {100 * pairs['same_rank']:.0f}% a rank; {planned.describe()}")  # fmt: skip
 
