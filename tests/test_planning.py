@@ -128,3 +128,13 @@ def test_errors_name_the_argument(call, match):
     assert isinstance(s, RoutingStats)
     with pytest.raises((ValueError, TypeError), match=match):
         call(s)
+
+
+def test_benchmark_runs_small(capsys):
+    from benchmarks import placement as bench
+
+    rows, _, plan, pairs = bench.run(tokens=1024)
+    assert [r["name"].split(",")[0] for r in rows] == ["uniform placement", "data-driven placement"] * 2
+    assert rows[2]["cross_node_copies"] < rows[0]["cross_node_copies"]  # node-limited: at most 2 of 4 nodes
+    assert "| routing and placement |" in bench.format_table(rows, markdown=True)
+    assert 0 <= pairs["same_rank"] <= pairs["same_node"] <= 1
