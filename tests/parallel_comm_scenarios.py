@@ -196,3 +196,37 @@ def comm_dead_peer(rank, W):
         assert "blocks.9.moe" in str(err), str(err)
         return {"message": str(err), "elapsed": time.monotonic() - t}
     raise AssertionError("no CollectiveError")
+
+
+# --------------------------------------------------------------------------- overlap order, statistics
+@scenario
+def comm_trace_order(rank, W):
+    """With chunks=2 the stage timestamps show the pipeline: the next chunk is in flight while one computes,
+    in forward and in backward (orders, not durations: they hold on any machine). collect_load_stats adds up."""
+    import torch
+
+    from blocksparse_moe import MoEConfig
+    from blocksparse_moe.parallel import ExpertParallelDMoE, collect_load_stats
+    from blocksparse_moe.parallel.trace import StageTrace
+
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4 * W, top_k=2, block_size=16, backend="torch")
+    out = {}
+    for hierarchy in ("flat", "node"):
+        ep = ExpertParallelDMoE(cfg, hierarchy=hierarchy, chunks=2, name=f"trace-{hierarchy}")
+        ep.trace = StageTrace()
+        _, aux = ep(torch.randn(24, 32, requires_grad=True), return_aux=True)
+        _.sum().backward()
+        first = {}
+        for s in ep.trace.spans:  # the first span of each (stage, chunk)
+            first.setdefault((s.stage, s.chunk), s)
+        st = lambda name, c: first[(name, c)]  # noqa: E731
+        assert st("dispatch", 1).start < st("experts", 0).start  # chunk 1 issued before chunk 0 computes
+        assert st("return", 0).start < st("experts", 1).start  # chunk 0 travels back while chunk 1 computes
+        assert st("return (backward)", 0).start < st("experts (backward)", 1).start  # all return grads issued first
+        assert st("dispatch (backward)", 1).start < st("experts (backward)", 0).start
+        (stats,) = collect_load_stats(ep, reduce=False).values()
+        a = aux.all_to_all
+        assert (stats.cross_node_bytes_sent, stats.meta_bytes, stats.host_reads) == (
+            a.cross_node_bytes_sent, a.meta_bytes, 1)
+        out[hierarchy] = ep.trace.table()
+    return {"trace": out}

@@ -29,12 +29,13 @@ EQUAL = ["comm_flat_c1", "comm_flat_c2", "comm_node_c1", "comm_node_c2", "comm_n
 TWO = ["comm_flat_c1", "comm_node_c2", "comm_node_glu_k3"]  # 2 ranks = 2 nodes of 1 (LOCAL_WORLD_SIZE=1)
 FAULTS = ["comm_mismatch_hierarchy", "comm_mismatch_chunks", "comm_mismatch_nodes", "comm_bad_options",
           "comm_bad_input_node"]  # fmt: skip
+ORDER = ["comm_trace_order"]
 ENV = {"LOCAL_WORLD_SIZE": "2"}
 
 
 @pytest.fixture(scope="module")
 def four():
-    return harness.launch(4, EQUAL + FAULTS, timeout=120, pg_timeout=30, env=ENV)
+    return harness.launch(4, EQUAL + ORDER + FAULTS, timeout=120, pg_timeout=30, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,11 @@ def test_cross_node_targets(four):
             naive = exact_traffic(per_rank[0]["expert_ids"], per_rank[0]["owners"], per_rank[0]["hidden"],
                                   per_rank[0]["elem"], node_of=per_rank[0]["node_of"])  # fmt: skip
             assert _cross(four, name) <= sum(r["cross_node_bytes_sent"] for r in naive), name
+
+
+def test_overlap_is_visible_in_the_stage_timestamps(four):
+    per_rank = four.check("comm_trace_order")  # the orders are asserted in the scenario, on every rank
+    assert {"flat", "node"} <= set(per_rank[0]["trace"])
 
 
 @pytest.mark.parametrize("name", FAULTS)

@@ -183,7 +183,9 @@ class ExpertParallelDMoE(nn.Module):
             self.comm, config,
             extra={"capacity_per_peer": capacity_per_peer, "capacity_overflow": capacity_overflow,
                    "placement": self.placement.owners, "dp_size": self.groups.dp_size, "hierarchy": hierarchy,
-                   "chunks": chunks, "nodes": None if self.layout is None else self.layout.describe()},
+                   "chunks": chunks,
+                   # the layout shapes the hierarchical exchange's collectives; flat, only its statistics
+                   "nodes": self.layout.describe() if hierarchy == "node" else None},
         )  # fmt: skip
         self.exchange = TokenExchange(
             self.comm, self.placement, capacity_per_peer, capacity_overflow, layout=self.layout, hierarchy=hierarchy,

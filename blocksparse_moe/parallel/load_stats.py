@@ -42,6 +42,9 @@ class ExpertLoadTracker:
         self.bytes_sent = 0  # to other ranks, both data all-to-alls, padding included
         self.bytes_received = 0
         self.count_bytes = 0
+        self.cross_node_bytes_sent: Optional[int] = None  # None until a forward knew the node layout
+        self.meta_bytes = 0
+        self.host_reads = 0
 
     @torch.no_grad()
     def record(self, tokens_per_expert, tokens_per_local_expert, rows_sent, rows_received, dropped, stats) -> None:
@@ -60,6 +63,10 @@ class ExpertLoadTracker:
         self.bytes_sent += stats.bytes_sent
         self.bytes_received += stats.bytes_received
         self.count_bytes += stats.count_bytes
+        if stats.cross_node_bytes_sent is not None:
+            self.cross_node_bytes_sent = (self.cross_node_bytes_sent or 0) + stats.cross_node_bytes_sent
+        self.meta_bytes += stats.meta_bytes
+        self.host_reads += stats.host_reads
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,10 @@ class ExpertLoadStats:
             to rank ``p``; ``None`` otherwise.
         bytes_sent_per_rank / bytes_received_per_rank: with ``reduce=True``, every
             rank's byte counts; ``None`` otherwise.
+        cross_node_bytes_sent: the part of ``bytes_sent`` to other nodes (``None``
+            when the layer does not know the node layout).
+        meta_bytes: routing metadata sent beside the rows (hierarchical exchange).
+        host_reads: device-to-host reads of the forwards counted.
     """
 
     name: str
@@ -107,6 +118,9 @@ class ExpertLoadStats:
     traffic: Optional[list] = None
     bytes_sent_per_rank: Optional[list] = None
     bytes_received_per_rank: Optional[list] = None
+    cross_node_bytes_sent: Optional[int] = None
+    meta_bytes: int = 0
+    host_reads: int = 0
 
 
 def _balancedness(loads: list) -> float:
@@ -139,7 +153,8 @@ def _layer_stats(shard, reduce: bool) -> ExpertLoadStats:
         rows_per_rank=loads, balancedness=_balancedness(loads), rows_sent=sent.tolist(),
         rows_received=recv.tolist(), bytes_sent=tr.bytes_sent, bytes_received=tr.bytes_received,
         count_bytes=tr.count_bytes, dropped=int(dropped), traffic=traffic, bytes_sent_per_rank=bytes_s,
-        bytes_received_per_rank=bytes_r,
+        bytes_received_per_rank=bytes_r, cross_node_bytes_sent=tr.cross_node_bytes_sent,
+        meta_bytes=tr.meta_bytes, host_reads=tr.host_reads,
     )  # fmt: skip
 
 

@@ -128,6 +128,8 @@ def resolve_node_layout(
     try:
         return NodeLayout(_renumber([g // G for g in globals_]))
     except ValueError as err:
+        if hierarchy == "flat" and ranks_per_node is None:
+            return None  # the flat exchange only loses its cross-node figures on an uneven job
         raise ValueError(f"{what}: ranks_per_node={G} (global ranks {globals_}): {err}") from None
 
 
