@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(
 
 EQUAL = ["comm_flat_c1", "comm_flat_c2", "comm_node_c1", "comm_node_c2", "comm_node_glu_k3", "comm_node_hot",
          "comm_flat_hot", "comm_node_sparse", "comm_node_mesh"]  # fmt: skip
-TWO = ["comm_flat_c1", "comm_node_c2", "comm_node_glu_k3"]  # 2 ranks = 2 nodes of 1 (LOCAL_WORLD_SIZE=1)
+TWO = ["comm_flat_c1", "comm_node_c2", "comm_node_glu_k3"]
+TWO_ONLY = ["comm_node_bf16"]  # 2 ranks = 2 nodes of 1 (LOCAL_WORLD_SIZE=1)
 FAULTS = ["comm_mismatch_hierarchy", "comm_mismatch_chunks", "comm_mismatch_nodes", "comm_bad_options",
           "comm_bad_input_node"]  # fmt: skip
 ORDER = ["comm_trace_order"]
@@ -40,7 +41,7 @@ def four():
 
 @pytest.fixture(scope="module")
 def two():
-    return harness.launch(2, TWO, timeout=60, pg_timeout=20, env={"LOCAL_WORLD_SIZE": "1"})
+    return harness.launch(2, TWO + TWO_ONLY, timeout=60, pg_timeout=20, env={"LOCAL_WORLD_SIZE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,11 @@ def test_cross_node_targets(four):
             naive = exact_traffic(per_rank[0]["expert_ids"], per_rank[0]["owners"], per_rank[0]["hidden"],
                                   per_rank[0]["elem"], node_of=per_rank[0]["node_of"])  # fmt: skip
             assert _cross(four, name) <= sum(r["cross_node_bytes_sent"] for r in naive), name
+
+
+@pytest.mark.parametrize("name", TWO_ONLY)
+def test_two_ranks(two, name):
+    two.check(name)
 
 
 def test_overlap_is_visible_in_the_stage_timestamps(four):
