@@ -257,3 +257,39 @@ def comm_node_bf16(rank, W):
     compare("bf16 out, node vs flat", outs[1], outs[0], dict(atol=3e-2, rtol=3e-2))
     compare("bf16 dx, node vs flat", grads[1], grads[0], dict(atol=6e-2, rtol=6e-2))
     return {}
+
+
+@scenario
+def comm_two_layers_node_c2(rank, W):
+    """Two stacked hierarchical, chunked layers with residuals: backward interleaves both layers' transfers
+    in the same order on every rank, and the result is the single process's."""
+    import torch
+
+    from blocksparse_moe import MoEConfig
+    from blocksparse_moe.parallel import ExpertParallelDMoE, sync_router_grads
+
+    tokens, H = [6, 11, 3, 8][:W], 32
+    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=32, num_experts=4 * W, top_k=2, block_size=16, backend="torch")
+    fulls = [make_full(cfg, seed=s) for s in (3, 4)]
+    refs = torch.nn.ModuleList(fulls)
+    eps = torch.nn.ModuleList(ExpertParallelDMoE.from_dmoe(f, name=f"layers.{i}", hierarchy="node", chunks=2)
+                              for i, f in enumerate(fulls))  # fmt: skip
+    xs, gs = make_inputs(tokens, H), make_inputs(tokens, H, seed=2)
+
+    def run(layers, x):
+        for layer in layers:
+            x = x + layer(x)
+        return x
+
+    x_all = torch.cat(xs).requires_grad_()
+    (run(refs, x_all) * torch.cat(gs)).sum().backward()
+    x = xs[rank].clone().requires_grad_()
+    out = run(eps, x)
+    (out * gs[rank]).sum().backward()
+    sync_router_grads(eps)
+    rows = slice(sum(tokens[:rank]), sum(tokens[: rank + 1]))
+    compare("dx", x.grad, x_all.grad[rows])
+    for i in range(2):
+        compare(f"layers.{i} d router", eps[i].router.weight.grad, refs[i].router.weight.grad, ROUTER_TOL)
+        compare(f"layers.{i} dw1", eps[i].w1.grad, refs[i].w1.grad[eps[i].expert_slice])
+        compare(f"layers.{i} dw2", eps[i].w2.grad, refs[i].w2.grad[eps[i].expert_slice])

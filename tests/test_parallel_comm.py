@@ -18,7 +18,7 @@ import pytest
 import torch.distributed as dist
 
 import parallel_harness as harness
-from benchmarks.ep_traffic import exact_traffic
+from benchmarks.ep_sim import exact_traffic  # the simulator's exact level (benchmarks/ep_traffic.py)
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -30,7 +30,7 @@ TWO = ["comm_flat_c1", "comm_node_c2", "comm_node_glu_k3"]
 TWO_ONLY = ["comm_node_bf16"]  # 2 ranks = 2 nodes of 1 (LOCAL_WORLD_SIZE=1)
 FAULTS = ["comm_mismatch_hierarchy", "comm_mismatch_chunks", "comm_mismatch_nodes", "comm_bad_options",
           "comm_bad_input_node"]  # fmt: skip
-ORDER = ["comm_trace_order"]
+ORDER = ["comm_trace_order", "comm_two_layers_node_c2"]
 ENV = {"LOCAL_WORLD_SIZE": "2"}
 
 
@@ -92,6 +92,7 @@ def test_two_ranks(two, name):
 
 
 def test_overlap_is_visible_in_the_stage_timestamps(four):
+    four.check("comm_two_layers_node_c2")
     per_rank = four.check("comm_trace_order")  # the orders are asserted in the scenario, on every rank
     assert {"flat", "node"} <= set(per_rank[0]["trace"])
 
