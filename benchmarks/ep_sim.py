@@ -146,7 +146,9 @@ def step_times(shape: Shape, tr: dict, links: Links) -> dict:
     cross = np.maximum(f["send_cross"], f["recv_cross"]) * row
     intra_rows = np.maximum(f["send_remote"] - f["send_cross"], f["recv_remote"] - f["recv_cross"])
     # one direction of the flat exchange (dispatch; the return is its mirror): both links at once
-    flat_one = max(float(cross.max()) / inter + (W - G) * a_inter, float(intra_rows.max()) * row / intra + (G - 1) * a_intra)
+    flat_one = max(
+        float(cross.max()) / inter + (W - G) * a_inter, float(intra_rows.max()) * row / intra + (G - 1) * a_intra
+    )
     h = tr["hier"]
     meta = shape.top_k * (b + ID_BYTES)
     a_one = float(np.maximum(h["a_send"], h["a_recv"]).max()) * (row + meta) / inter + (N - 1) * a_inter
@@ -193,7 +195,8 @@ def _print(rows) -> None:
     print(head)
     print("|" + "---|" * 10)
     for r in rows:
-        print(f"| {r['shape']} ({r['routing']}) | {r['gpus']} | {r['experts']} | {r['cross_node_bytes_flat'] / 1e6:.1f} | "
+        print(f"| {r['shape']} ({r['routing']}) | {r['gpus']} | {r['experts']} | "
+              f"{r['cross_node_bytes_flat'] / 1e6:.1f} | "
               f"{r['cross_node_bytes_hier'] / 1e6:.1f} (+{r['cross_node_meta_hier'] / 1e6:.2f}) | {r['flat_ms']:.2f} | "
               f"{r['flat_overlap_ms']:.2f} ({r['flat_chunks']}) | {r['hier_ms']:.2f} | {r['hier_overlap_ms']:.2f} "
               f"({r['hier_chunks']}) | {r['compute_fwd_ms']:.2f} |")  # fmt: skip

@@ -61,7 +61,9 @@ class HierarchicalPlan:
         self.placement, self.layout, self.rank = placement, layout, rank
         W, E = placement.world_size, placement.num_experts
         if len(layout.node_of) != W:
-            raise ValueError(f"node layout for {len(layout.node_of)} ranks, but the group has {W} ({layout.describe()})")
+            raise ValueError(
+                f"node layout for {len(layout.node_of)} ranks ({layout.describe()}); expected one for the group's {W}"
+            )
         self.node, self.local = layout.node_of[rank], layout.local_of[rank]
         self.num_nodes = layout.num_nodes
         self.rail = layout.rail(self.local)  # one rank per node, node order
@@ -159,7 +161,8 @@ class HierarchicalPlan:
         dest_node = t.rail_nodes[pairs[:, 0]]
         here = node_e.index_select(0, tok) == dest_node.unsqueeze(1)  # [rows, k] expert j is on the row's node
         w_rows = torch.where(here, weights.index_select(0, tok), weights.new_zeros(()))
-        ids_rows = torch.where(here, expert_ids.index_select(0, tok).to(ID_DTYPE), torch.full_like(here, -1, dtype=ID_DTYPE))
+        none = torch.full_like(here, -1, dtype=ID_DTYPE)
+        ids_rows = torch.where(here, expert_ids.index_select(0, tok).to(ID_DTYPE), none)
         xw = torch.cat([x.index_select(0, tok), w_rows.to(x.dtype)], 1)
         a_send, a_recv = sizes["a_send"], sizes["a_recv"]
         xw_f = all_to_all(xw, comm, "token dispatch (hierarchical A: across nodes, all_to_all_single)", a_recv,
@@ -201,5 +204,7 @@ class HierarchicalPlan:
         }  # fmt: skip
         total = sum(phase.values())
         cross = phase["inter_dispatch"] + phase["inter_return"]
-        return dict(bytes_sent=total, bytes_received=total, cross_node_bytes_sent=cross,
-                    cross_node_bytes_received=cross, meta_bytes=a_sent * k * (elem_bytes + 4), phase_bytes=phase)  # fmt: skip
+        return dict(
+            bytes_sent=total, bytes_received=total, cross_node_bytes_sent=cross, cross_node_bytes_received=cross,
+            meta_bytes=a_sent * k * (elem_bytes + 4), phase_bytes=phase,
+        )  # fmt: skip

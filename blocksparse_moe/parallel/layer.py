@@ -200,7 +200,7 @@ class ExpertParallelDMoE(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def trace(self):
-        """A :class:`~blocksparse_moe.parallel.trace.StageTrace` recording per-stage timestamps, or ``None`` (default)."""
+        """A :class:`~.trace.StageTrace` recording per-stage timestamps, or ``None`` (default: nothing recorded)."""
         return self.exchange.trace
 
     @trace.setter
