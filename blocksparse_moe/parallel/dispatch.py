@@ -113,7 +113,9 @@ class TokenExchange:
         self.capacity_overflow = capacity_overflow
         self.rank, self.world_size = comm.rank, comm.world_size
         self.num_local = placement.counts[self.rank]
-        self.layout, self.hierarchy, self.chunks = layout, hierarchy, chunks
+        # A chunk is a group of each rank's local experts: more chunks than the most experts a
+        # rank holds would only add empty transfers (every rank computes the same cap).
+        self.layout, self.hierarchy, self.chunks = layout, hierarchy, max(1, min(chunks, max(placement.counts)))
         self.trace = None  # a StageTrace to record per-stage timestamps (see .trace); None records nothing
         # per destination p: its experts' counts and one extra word (see the module docstring)
         self.payload_splits = [c + 1 for c in placement.counts]

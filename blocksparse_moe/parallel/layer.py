@@ -121,7 +121,8 @@ class ExpertParallelDMoE(nn.Module):
         chunks: the transfers feeding the experts are cut into this many chunks by
             groups of local experts, so the experts compute on one chunk while the
             others travel (forward and backward; see :mod:`.chunked`). Variable mode
-            only; ``1`` (default, measured in docs/parallel.md) is one transfer each way.
+            only; ``1`` (default, measured in docs/parallel.md) is one transfer each way;
+            capped at the most experts any rank holds (``aux.all_to_all.chunks`` is what ran).
         timeout: the longest any one collective of this layer may wait before it
             raises :class:`CollectiveError` (gloo); ``None`` uses the group's timeout.
         name: the layer's name in error messages and statistics (default
