@@ -101,8 +101,9 @@ class MoEConfig:
             (at most ``T``). Token-choice dMoE ignores it.
 
     Placement:
-        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"``
-            or ``"torch"``; dMoE only (MoE is pure torch).
+        backend: ``"auto"`` (grouped GEMMs on a CPU; on CUDA Triton, or grouped for
+            bf16 on sm_90+, by measured shape: ``backends/select.py``), ``"grouped"``,
+            ``"triton"`` or ``"torch"`` (the block reference); dMoE only (MoE is pure torch).
         dtype: parameter dtype (float32, float16 or bfloat16).
         device: parameter device; ``None`` is the CPU.
         init_std: standard deviation of the normal initialisation of every weight.
