@@ -1,0 +1,159 @@
+"""Flat memory while routing shifts (issue 18, item 2; one process).
+
+dMoE trains with AdamW for 150 steps; the token count changes every step (1 to 512,
+the largest in the first step) and the hot expert (the one the inputs point to) moves
+every 30 steps. After a warm-up of 40 steps (the largest batch and two hot experts
+seen), nothing may accumulate:
+
+* the live torch tensors (count, and bytes of their distinct storages, found through
+  ``gc``) never exceed the warm-up figure;
+* nor do the objects the garbage collector tracks, or the items all lists, dicts,
+  sets and deques hold (any statistic, cache entry or autotuner key kept in Python),
+  beyond a slack of 20;
+* the process's peak resident memory (``VmHWM``, reset through
+  ``/proc/self/clear_refs`` so that each phase has its own peak; ``ru_maxrss`` where
+  that is not possible) grows by at most 5%.
+
+The tiny sizes keep it at a few seconds per backend; every CPU backend but the
+interpreted Triton one runs it.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import re
+import resource
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from blocksparse_moe import MoEConfig, dMoE, ops
+
+BACKENDS = []
+for _b in ops.BACKENDS:
+    if _b not in ("auto", "triton"):
+        try:
+            ops.resolve_backend(_b, torch.device("cpu"))
+            BACKENDS.append(_b)
+        except ValueError:
+            pass
+
+STEPS, WARMUP, MOVE_EVERY, MAX_TOKENS = 150, 40, 30, 512
+# Python objects / container items allowed to appear over the 110 steps after warm-up: far less
+# than one per step, so a statistic, cache entry or key kept per step (or per new token count) shows.
+SLACK = 20
+
+
+def census() -> dict[str, int]:
+    """After a full collection: live torch tensors (count, bytes of their distinct storages), objects
+    the collector tracks, and the items held by every list, dict, set and deque that is tracked or
+    held by a tracked object (a statistic or key added per step grows it)."""
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on some lazy module objects warns (deprecated aliases)
+        warnings.simplefilter("ignore")
+        objects = gc.get_objects()
+        tensors = [o for o in objects if isinstance(o, torch.Tensor)]
+    storages, count = {}, 0
+    for t in tensors:
+        try:
+            if t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+            continue
+        count += 1
+        storages[(st.data_ptr(), st.nbytes())] = st.nbytes()
+    containers = (list, dict, set, collections.deque, collections.OrderedDict)
+    items = sum(len(o) for o in objects if type(o) in containers)
+    # A container of atoms only (a dict of ints keyed by token count, say) is not tracked by the
+    # collector: count those that tracked objects (a module, an instance) hold, once each.
+    untracked = {id(r): len(r) for r in gc.get_referents(*objects) if type(r) in containers and not gc.is_tracked(r)}
+    items += sum(untracked.values())
+    del objects, tensors
+    return {"tensors": count, "tensor bytes": sum(storages.values()), "objects": len(gc.get_objects()), "items": items}
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _peak_kib() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny tensors: a second thread only adds contention (the CI machine has two cores, shared).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dmoe_memory_flat_while_routing_shifts(backend, one_thread):
+    torch.manual_seed(0)
+    H, E = 16, 8
+    cfg = MoEConfig(
+        hidden_size=H, ffn_hidden_size=24, num_experts=E, top_k=2, block_size=16, glu=True, activation="silu",
+        backend=backend, init_std=0.2,
+    )  # fmt: skip
+    layer = dMoE(cfg).train()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, MAX_TOKENS + 1, size=STEPS)
+    tokens[0], tokens[1] = MAX_TOKENS, 1
+    g = torch.Generator().manual_seed(1)
+    hot_load = np.zeros(STEPS)  # preallocated: the test itself keeps nothing per step
+
+    def step(i: int) -> None:
+        T = int(tokens[i])
+        hot = (i // MOVE_EVERY) % E
+        with torch.no_grad():
+            direction = layer.router.weight[hot] / layer.router.weight[hot].norm()
+        x = torch.randn(T, H, generator=g) + 3.0 * direction
+        target = torch.randn(T, H, generator=g)
+        out, aux = layer(x, return_aux=True)
+        loss = (out - target).square().mean() + aux.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hot_load[i] = int(aux.tokens_per_expert[hot]) / (2 * T)
+
+    reset = _reset_peak()
+    for i in range(WARMUP):
+        step(i)
+    peak_warm = _peak_kib()
+    base = census()
+    if reset:
+        _reset_peak()
+    later = []
+    for i in range(WARMUP, STEPS):
+        step(i)
+        if i in (WARMUP + (STEPS - WARMUP) // 2, STEPS - 1):
+            later.append(census())
+    peak_after = _peak_kib()
+
+    # The premise: the hot expert takes most of the load (it moves every MOVE_EVERY steps).
+    assert hot_load[WARMUP:].mean() > 0.3, hot_load.mean()
+    for c in later:
+        for key in ("tensors", "tensor bytes"):
+            assert c[key] <= base[key], f"live {key} grew: {base[key]} after warm-up, {c[key]} later"
+        for key in ("objects", "items"):  # a little slack for the checks' own frames and lists
+            assert c[key] <= base[key] + SLACK, f"Python {key} grew: {base[key]} after warm-up, {c[key]} later"
+    if reset:
+        assert peak_after <= 1.05 * peak_warm, f"peak resident memory {peak_warm} KiB in warm-up, {peak_after} KiB after"
+    else:  # both are the lifetime peak (ru_maxrss): the check still holds, more weakly
+        assert _peak_kib() <= 1.05 * peak_warm
