@@ -50,6 +50,15 @@ for _b in ops.BACKENDS:
     except ValueError:
         pass
 FAST_BACKENDS = [b for b in CPU_BACKENDS if b != "triton"]  # triton (interpreted) gets its own, smaller test
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one thread is faster than waking a pool (as in test_capacity_replace.py).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 LAYOUTS = ("contiguous", "transposed", "strided", "offset", "expanded")
 
 
@@ -225,7 +234,7 @@ def ffn_values(case: FfnCase) -> dict[str, torch.Tensor]:
     return vals
 
 
-def _wrong_shape(t: torch.Tensor, detail: str, arg: str):
+def _wrong_shape(t: torch.Tensor, detail: str) -> torch.Tensor:
     if detail == "more":
         return torch.cat([t, t[..., :1] if t.shape[-1] else torch.zeros(*t.shape[:-1], 1, dtype=t.dtype)], dim=-1)
     if detail == "less":
@@ -248,7 +257,7 @@ def apply_error(case: FfnCase, args: dict, kwargs: dict) -> tuple[str, ...]:
         args[arg] = args[arg].to(detail)
         return (arg,)
     if kind == "shape":
-        args[arg] = _wrong_shape(args[arg].detach(), detail, arg)
+        args[arg] = _wrong_shape(args[arg].detach(), detail)
         # A size that no longer matches another argument's is that pair's mismatch.
         partners = {"x": ("w1", "expert_ids"), "expert_ids": ("x", "weights"), "weights": ("expert_ids",),
                     "w1": ("x", "w2", "v1"), "w2": ("w1",), "v1": ("w1",)}  # fmt: skip
@@ -345,7 +354,7 @@ def assert_token_grads(actual, expected, bad_tokens, name, tol=TOL):
         assert_same_values(a[both], e[both], f"{name} (NaN/Inf tokens, where both are finite)", tol)
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(100))
 @given(case=ffn_cases(FAST_BACKENDS))
 def test_fuzz_moe_ffn(case):
     run_ffn_case(case)
@@ -523,7 +532,7 @@ def run_layer_case(case: LayerCase) -> None:
                 assert_token_grads(p.grad, leaves[name].grad, touched, f"grad {name}", tol)
 
 
-@settings(max_examples=examples(50))
+@settings(max_examples=examples(60))
 @given(case=layer_cases(FAST_BACKENDS))
 def test_fuzz_layers(case):
     run_layer_case(case)
