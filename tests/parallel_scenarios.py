@@ -59,12 +59,12 @@ def compare(name, actual, expected, tol=TOL):
 
 
 def check_against_single(rank, W, *, tokens, E, k, H=32, ffn=48, bs=16, hot_rank=None, capacity=None,
-                         backend="torch", group=None, x_needs_grad=True, **options):  # fmt: skip
+                         backend="torch", group=None, x_needs_grad=True, ep_options=None, **options):  # fmt: skip
     """The expert-parallel layer against one dMoE holding every expert, fed every rank's tokens.
 
     Loss = sum over ranks of <out_r, g_r>. Compared: out_r, dx_r (this rank's rows
     of the single-process gradients), the router gradient after the sum all-reduce,
-    and this rank's slices of dw1 / dw2 / dv1.
+    and this rank's slices of dw1 / dw2 / dv1. ``ep_options``: more arguments of the layer.
     """
     import torch
 
@@ -83,7 +83,8 @@ def check_against_single(rank, W, *, tokens, E, k, H=32, ffn=48, bs=16, hot_rank
     out_all = ref(x_all)
     (out_all * torch.cat(gs)).sum().backward()
 
-    ep = ExpertParallelDMoE(cfg, group, capacity_per_peer=capacity, name="test-layer", sync_router_init=False)
+    ep = ExpertParallelDMoE(cfg, group, capacity_per_peer=capacity, name="test-layer", sync_router_init=False,
+                            **(ep_options or {}))  # fmt: skip
     ep.load_state_dict(shard_state_dict(full.state_dict(), ep))
     x = xs[rank].clone().requires_grad_(x_needs_grad)
     out, aux = ep(x, return_aux=True)
@@ -110,6 +111,8 @@ def check_against_single(rank, W, *, tokens, E, k, H=32, ffn=48, bs=16, hot_rank
         "tokens": tokens[rank],
         "dropped": int(aux.dropped_tokens),
         "tokens_per_local_expert": aux.tokens_per_local_expert.tolist(),
+        "rounds": st.rounds,
+        "peak_recv_rows": st.peak_recv_rows,
     }
 
 

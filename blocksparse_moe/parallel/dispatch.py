@@ -30,6 +30,7 @@ import torch
 
 from .. import ops
 from ..routing import RoutingPlan, _check_id_range, _validate_expert_ids, plan_routing
+from .bounded import bounded_exchange, round_schedule
 from .chunked import expert_exchange
 from .collectives import CollectiveError, Communicator, PeerFailedError, all_to_all
 from .hierarchical import HierarchicalPlan
@@ -84,6 +85,7 @@ class _Tables:
     last: torch.Tensor  # [W] one past its last
     count_pos: torch.Tensor  # [E] placement order -> payload slot
     extra_pos: torch.Tensor  # [W] rank -> payload slot of its extra word
+    matrix_pos: torch.Tensor  # [W * M] payload slots of the traffic-matrix row (M = W when bounded, else 0)
 
 
 class TokenExchange:
@@ -106,6 +108,7 @@ class TokenExchange:
         layout: Optional[NodeLayout] = None,
         hierarchy: str = "flat",
         chunks: int = 1,
+        max_recv_rows: Optional[int] = None,
     ):
         self.comm = comm
         self.placement = placement
@@ -116,10 +119,13 @@ class TokenExchange:
         # A chunk is a group of each rank's local experts: more chunks than the most experts a
         # rank holds would only add empty transfers (every rank computes the same cap).
         self.layout, self.hierarchy, self.chunks = layout, hierarchy, max(1, min(chunks, max(placement.counts)))
+        self.max_recv_rows = max_recv_rows
+        # bounded: every source also sends its row of the traffic matrix (W words) to every rank
+        self.matrix_words = self.world_size if max_recv_rows is not None else 0
         self.trace = None  # a StageTrace to record per-stage timestamps (see .trace); None records nothing
         # per destination p: its experts' counts and one extra word (see the module docstring)
-        self.payload_splits = [c + 1 for c in placement.counts]
-        self.recv_splits = [self.num_local + 1] * self.world_size
+        self.payload_splits = [c + 1 + self.matrix_words for c in placement.counts]
+        self.recv_splits = [self.num_local + 1 + self.matrix_words] * self.world_size
         self.hplan = None
         if hierarchy == "node":
             self.hplan = HierarchicalPlan(placement, layout, self.rank)
@@ -133,10 +139,13 @@ class TokenExchange:
             offs = pl.rank_offsets
             owner = [r for r in range(pl.world_size) for _ in range(pl.counts[r])]
             as_t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+            per = 1 + self.matrix_words  # words per destination beside its experts' counts
+            W, M = pl.world_size, self.matrix_words
             t = _Tables(
                 position=as_t(pl.position), owner=as_t(owner), first=as_t(offs[:-1]), last=as_t(offs[1:]),
-                count_pos=as_t([v + owner[v] for v in range(pl.num_experts)]),
-                extra_pos=as_t([offs[p + 1] + p for p in range(pl.world_size)]),
+                count_pos=as_t([v + owner[v] * per for v in range(pl.num_experts)]),
+                extra_pos=as_t([offs[p + 1] + p * per for p in range(W)]),
+                matrix_pos=as_t([offs[p + 1] + p * per + 1 + q for p in range(W) for q in range(M)]),
             )  # fmt: skip
             self._tables_by_device[device] = t
         return t
@@ -178,27 +187,36 @@ class TokenExchange:
 
     # ------------------------------------------------------------------ the exchange
     def _exchange_counts(self, send_counts: torch.Tensor, extra: torch.Tensor, t: _Tables):
-        W, El, E = self.world_size, self.num_local, self.placement.num_experts
-        payload = send_counts.new_zeros(E + W)
+        W, E, M = self.world_size, self.placement.num_experts, self.matrix_words
+        payload = send_counts.new_zeros(E + W * (1 + M))
         payload.index_copy_(0, t.count_pos, send_counts)
         payload.index_copy_(0, t.extra_pos, extra.reshape(1).expand(W))
-        recv = send_counts.new_empty(W * (El + 1))
+        if M:  # our row of the traffic matrix, to every rank
+            sent = torch.zeros(W, dtype=send_counts.dtype, device=send_counts.device).index_add_(0, t.owner, send_counts)
+            payload.index_copy_(0, t.matrix_pos, sent.repeat(W))
+        recv = send_counts.new_empty(sum(self.recv_splits))
         what = "count exchange (all_to_all_single)"
-        return recv, self.comm.start_all_to_all(recv, payload, what, [El + 1] * W, self.payload_splits)
+        return recv, self.comm.start_all_to_all(recv, payload, what, self.recv_splits, self.payload_splits)
 
     def _count_bytes(self, elem: int) -> int:
         return sum(self.payload_splits[p] for p in range(self.world_size) if p != self.rank) * elem
 
-    def run(self, x, plan: RoutingPlan, weights, expert_fn: ExpertFn, backend: str, anchor) -> ExchangeResult:
-        """One forward's exchange. A collective: every rank of the group calls it with its own rows."""
+    def run(
+        self, x, plan: RoutingPlan, weights, expert_fn: ExpertFn, backend: str, anchor, params=None
+    ) -> ExchangeResult:
+        """One forward's exchange. A collective: every rank of the group calls it with its own rows.
+
+        ``params``: the tensors ``expert_fn`` reads; needed with ``max_recv_rows`` (the rounds'
+        backward recomputes the experts and hands their gradients back).
+        """
         if self.hierarchy == "node":
             return self._run_hierarchical(x, plan, weights, expert_fn, anchor)
         if self.capacity_per_peer is None:
-            return self._run_variable(x, plan, weights, expert_fn, backend, anchor)
+            return self._run_variable(x, plan, weights, expert_fn, backend, anchor, params)
         return self._run_capacity(x, plan, weights, expert_fn, backend, anchor)
 
-    def _run_variable(self, x, plan, weights, expert_fn, backend, anchor) -> ExchangeResult:
-        comm, W, El, E = self.comm, self.world_size, self.num_local, self.placement.num_experts
+    def _run_variable(self, x, plan, weights, expert_fn, backend, anchor, params=None) -> ExchangeResult:
+        comm, W, El, E, M = self.comm, self.world_size, self.num_local, self.placement.num_experts, self.matrix_words
         dev, t = x.device, self.tables(x.device)
         # 1. Counts (rank p gets its experts' counts from us); 2. the gather meanwhile
         #    (gloo: the exchange runs on its own thread; NCCL: on its own stream).
@@ -210,22 +228,39 @@ class TokenExchange:
         # 3. The one host read of the forward: both count vectors in one transfer.
         with timed(self.trace, "host read"):
             host = torch.cat([send_counts, recv]).tolist()
-        got = host[E:]
-        failed = [s for s in range(W) if got[s * (El + 1) + El] < 0]
+        got, n = host[E:], El + 1 + M  # per source: its counts for my experts, the extra word, its matrix row
+        failed = [s for s in range(W) if got[s * n + El] < 0]
         if failed:
             raise self._peer_failed(failed)
         offs = self.placement.rank_offsets
         send_rows = [sum(host[offs[p] : offs[p + 1]]) for p in range(W)]
-        recv_rows = [sum(got[s * (El + 1) : s * (El + 1) + El]) for s in range(W)]
+        recv_rows = [sum(got[s * n : s * n + El]) for s in range(W)]
         # 4-6. Dispatch (rows in placement order are already grouped by destination rank and
-        #      expert), the experts, the return: in `chunks` overlapping transfers (.chunked).
-        recv_counts = recv.view(W, El + 1)[:, :El]  # [W, E_l] rows from source s for local expert l
+        #      expert), the experts, the return: in `chunks` overlapping transfers (.chunked),
+        #      or in rounds of at most max_recv_rows received rows (.bounded).
+        recv_counts = recv.view(W, n)[:, :El]  # [W, E_l] rows from source s for local expert l
         send_lists = [host[offs[p] : offs[p + 1]] for p in range(W)]
-        recv_lists = [got[s * (El + 1) : s * (El + 1) + El] for s in range(W)]
-        y_sorted = expert_exchange(
-            x_sorted, comm, send_lists, recv_lists, lambda xr, ids: expert_fn(xr, ids, False), chunks=self.chunks,
-            anchor=anchor, trace=self.trace, what="token dispatch", back="result return",
-        )  # fmt: skip
+        recv_lists = [got[s * n : s * n + El] for s in range(W)]
+        fn = lambda xr, ids: expert_fn(xr, ids, False)  # noqa: E731
+        rounds, peak = 1, sum(recv_rows)
+        if M:
+            schedule = round_schedule([got[s * n + El + 1 : (s + 1) * n] for s in range(W)], self.max_recv_rows)
+            rounds, peak = schedule.rounds, schedule.peak[self.rank]
+        if rounds > 1:
+            if params is None:
+                raise ValueError(
+                    f"expert-parallel layer {comm.name!r}: max_recv_rows needs the experts' parameters "
+                    "(TokenExchange.run(..., params=...)), got params=None"
+                )
+            y_sorted = bounded_exchange(
+                x_sorted, comm, send_lists, recv_lists, schedule, fn, params, anchor=anchor, what="token dispatch",
+                back="result return",
+            )  # fmt: skip
+        else:
+            y_sorted = expert_exchange(
+                x_sorted, comm, send_lists, recv_lists, fn, chunks=self.chunks, anchor=anchor, trace=self.trace,
+                what="token dispatch", back="result return",
+            )  # fmt: skip
         # 7. combine with the routing weights.
         with timed(self.trace, "combine"):
             out = ops.combine(y_sorted, plan, weights, backend)
@@ -241,7 +276,7 @@ class TokenExchange:
             send_rows=send_rows, recv_rows=recv_rows, bytes_sent=disp + ret, bytes_received=disp + ret,
             count_bytes=self._count_bytes(send_counts.element_size()), cross_node_bytes_sent=cross,
             cross_node_bytes_received=cross, phase_bytes={"dispatch": disp, "return": ret}, host_reads=1,
-            hierarchy="flat", chunks=self.chunks,
+            hierarchy="flat", chunks=self.chunks, rounds=rounds, peak_recv_rows=peak,
         )  # fmt: skip
         return ExchangeResult(
             out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=recv_counts.sum(0),
@@ -336,7 +371,7 @@ class TokenExchange:
             send_rows=None, recv_rows=None, bytes_sent=2 * (W - 1) * chunk_bytes,
             bytes_received=2 * (W - 1) * chunk_bytes, count_bytes=self._count_bytes(send_counts.element_size()),
             # on CPU the peer and overflow checks read the host (free there); elsewhere they are device asserts
-            host_reads=0 if dev.type != "cpu" else 1 + (self.capacity_overflow == "error"),
+            host_reads=0 if dev.type != "cpu" else 1 + (self.capacity_overflow == "error"), peak_recv_rows=W * B,
         )  # fmt: skip
         return ExchangeResult(
             out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=local_counts,

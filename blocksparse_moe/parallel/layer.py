@@ -39,6 +39,7 @@ from ..config import MoEConfig
 from ..functional import routed_ffn
 from ..layers import add_expert_parameters
 from ..routing import RoutingPlan, plan_routing
+from .bounded import check_max_recv_rows
 from .checks import check_same_config
 from .collectives import Communicator
 from .dispatch import OVERFLOW_POLICIES, TokenExchange, check_exchange_options
@@ -123,6 +124,15 @@ class ExpertParallelDMoE(nn.Module):
             others travel (forward and backward; see :mod:`.chunked`). Variable mode
             only; ``1`` (default, measured in docs/parallel.md) is one transfer each way;
             capped at the most experts any rank holds (``aux.all_to_all.chunks`` is what ran).
+        max_recv_rows: ``None`` (default) or ``R``: no rank receives more than ``R`` rows
+            at once. When the routing would send a rank more (every token to one
+            expert), the dispatch, the experts and the return run in rounds of at most
+            ``R`` received rows per rank, forward and backward (the backward recomputes
+            each round's experts instead of keeping their activations; see
+            :mod:`.bounded`): dropless, within the bound. Flat variable-size exchange
+            only (a ``ValueError`` with ``capacity_per_peer``, ``hierarchy="node"`` or
+            ``chunks > 1``); the same on every rank (checked).
+            ``aux.all_to_all.rounds`` / ``peak_recv_rows`` are what ran.
         timeout: the longest any one collective of this layer may wait before it
             raises :class:`CollectiveError` (gloo); ``None`` uses the group's timeout.
         name: the layer's name in error messages and statistics (default
@@ -143,6 +153,7 @@ class ExpertParallelDMoE(nn.Module):
         hierarchy: str = "flat",
         ranks_per_node: Optional[int] = None,
         chunks: int = DEFAULT_CHUNKS,
+        max_recv_rows: Optional[int] = None,
         timeout: Optional[datetime.timedelta] = None,
         name: Optional[str] = None,
         sync_router_init: bool = True,
@@ -158,6 +169,8 @@ class ExpertParallelDMoE(nn.Module):
         super().__init__()
         self.name = name if name is not None else f"ExpertParallelDMoE#{next(_counter)}"
         check_exchange_options(self.name, capacity_per_peer, hierarchy, chunks)
+        check_max_recv_rows(f"expert-parallel layer {self.name!r}", max_recv_rows, capacity_per_peer, hierarchy, chunks)
+        self.max_recv_rows = max_recv_rows
         self.config = config
         self.capacity_per_peer = capacity_per_peer
         self.capacity_overflow = capacity_overflow
@@ -184,13 +197,13 @@ class ExpertParallelDMoE(nn.Module):
             self.comm, config,
             extra={"capacity_per_peer": capacity_per_peer, "capacity_overflow": capacity_overflow,
                    "placement": self.placement.owners, "dp_size": self.groups.dp_size, "hierarchy": hierarchy,
-                   "chunks": chunks,
+                   "chunks": chunks, "max_recv_rows": max_recv_rows,
                    # the layout shapes the hierarchical exchange's collectives; flat, only its statistics
                    "nodes": self.layout.describe() if hierarchy == "node" else None},
         )  # fmt: skip
         self.exchange = TokenExchange(
             self.comm, self.placement, capacity_per_peer, capacity_overflow, layout=self.layout, hierarchy=hierarchy,
-            chunks=chunks,
+            chunks=chunks, max_recv_rows=max_recv_rows,
         )  # fmt: skip
         self.local_experts = self.placement.experts_of(self.comm.rank)
         self.num_local_experts = len(self.local_experts)
@@ -259,6 +272,7 @@ class ExpertParallelDMoE(nn.Module):
             f"name={self.name!r}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, experts={c.num_experts} "
             f"({self.num_local_experts} on rank {self.rank} of {self.world_size}: {list(self.local_experts)}){dp}, "
             f"top_k={c.top_k}, glu={c.glu}, all_to_all={mode}, hierarchy={self.hierarchy!r}, chunks={self.chunks}"
+            + (f", max_recv_rows={self.max_recv_rows}" if self.max_recv_rows is not None else "")
         )
 
     # ------------------------------------------------------------------ parameters
@@ -366,7 +380,8 @@ class ExpertParallelDMoE(nn.Module):
         # A zero-size leaf that requires grad: both all-to-alls then take part in
         # backward on every rank, even one whose x and weights need no gradient.
         anchor = x2.new_zeros(0).requires_grad_() if torch.is_grad_enabled() else None
-        res = self.exchange.run(x2, plan, route.weights, self._experts_on_received, backend, anchor)
+        params = tuple(getattr(self, n) for n in EXPERT_PARAMS)
+        res = self.exchange.run(x2, plan, route.weights, self._experts_on_received, backend, anchor, params)
         self.load_tracker.record(
             res.tokens_per_expert, res.tokens_per_local_expert, res.rows_sent, res.rows_received, res.dropped,
             res.stats,

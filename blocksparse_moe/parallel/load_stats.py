@@ -45,6 +45,8 @@ class ExpertLoadTracker:
         self.cross_node_bytes_sent: Optional[int] = None  # None until a forward knew the node layout
         self.meta_bytes = 0
         self.host_reads = 0
+        self.rounds = 0  # dispatch-experts-return rounds, summed over the forwards
+        self.peak_recv_rows: Optional[int] = None  # the most rows received at once in any forward (None: unknown)
 
     @torch.no_grad()
     def record(self, tokens_per_expert, tokens_per_local_expert, rows_sent, rows_received, dropped, stats) -> None:
@@ -67,6 +69,9 @@ class ExpertLoadTracker:
             self.cross_node_bytes_sent = (self.cross_node_bytes_sent or 0) + stats.cross_node_bytes_sent
         self.meta_bytes += stats.meta_bytes
         self.host_reads += stats.host_reads
+        self.rounds += stats.rounds
+        if stats.peak_recv_rows is not None:
+            self.peak_recv_rows = max(self.peak_recv_rows or 0, stats.peak_recv_rows)
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,12 @@ class ExpertLoadStats:
             when the layer does not know the node layout).
         meta_bytes: routing metadata sent beside the rows (hierarchical exchange).
         host_reads: device-to-host reads of the forwards counted.
+        rounds: dispatch-experts-return rounds over the forwards counted (one per forward
+            unless ``max_recv_rows`` cut them into more).
+        peak_recv_rows: the most rows this rank received at once, in any forward counted
+            (``None`` for the hierarchical exchange); at most ``max_recv_rows`` when set.
+        peak_recv_rows_per_rank: with ``reduce=True``, every rank's ``peak_recv_rows``
+            (``-1`` where unknown); ``None`` otherwise.
     """
 
     name: str
@@ -121,6 +132,9 @@ class ExpertLoadStats:
     cross_node_bytes_sent: Optional[int] = None
     meta_bytes: int = 0
     host_reads: int = 0
+    rounds: int = 0
+    peak_recv_rows: Optional[int] = None
+    peak_recv_rows_per_rank: Optional[list] = None
 
 
 def _balancedness(loads: list) -> float:
@@ -137,15 +151,16 @@ def _layer_stats(shard, reduce: bool) -> ExpertLoadStats:
         tpe, sent, recv, dropped = torch.zeros(E, **z), torch.zeros(W, **z), torch.zeros(W, **z), torch.zeros((), **z)
     else:
         tpe, sent, recv, dropped = tr.tokens_per_expert, tr.rows_sent, tr.rows_received, tr.dropped
-    traffic = bytes_s = bytes_r = None
+    traffic = bytes_s = bytes_r = peaks = None
+    peak = -1 if tr.peak_recv_rows is None else tr.peak_recv_rows
     if reduce and shard.groups is not None and W > 1:
         comm = shard.comm
         tpe = tpe.clone()
         comm.all_reduce_(tpe, "load statistics (all_reduce)")
-        mine = torch.cat([sent, torch.tensor([tr.bytes_sent, tr.bytes_received], dtype=torch.int64, device=sent.device)])
-        rows = torch.stack(comm.all_gather(mine, "load statistics (all_gather)")).tolist()
+        extra = torch.tensor([tr.bytes_sent, tr.bytes_received, peak], dtype=torch.int64, device=sent.device)
+        rows = torch.stack(comm.all_gather(torch.cat([sent, extra]), "load statistics (all_gather)")).tolist()
         traffic = [r[:W] for r in rows]
-        bytes_s, bytes_r = [r[W] for r in rows], [r[W + 1] for r in rows]
+        bytes_s, bytes_r, peaks = [r[W] for r in rows], [r[W + 1] for r in rows], [r[W + 2] for r in rows]
     tpe_l = tpe.tolist()
     loads = [sum(tpe_l[e] for e in placement.experts_of(r)) for r in range(W)]
     return ExpertLoadStats(
@@ -154,7 +169,8 @@ def _layer_stats(shard, reduce: bool) -> ExpertLoadStats:
         rows_received=recv.tolist(), bytes_sent=tr.bytes_sent, bytes_received=tr.bytes_received,
         count_bytes=tr.count_bytes, dropped=int(dropped), traffic=traffic, bytes_sent_per_rank=bytes_s,
         bytes_received_per_rank=bytes_r, cross_node_bytes_sent=tr.cross_node_bytes_sent,
-        meta_bytes=tr.meta_bytes, host_reads=tr.host_reads,
+        meta_bytes=tr.meta_bytes, host_reads=tr.host_reads, rounds=tr.rounds, peak_recv_rows=tr.peak_recv_rows,
+        peak_recv_rows_per_rank=peaks,
     )  # fmt: skip
 
 

@@ -42,6 +42,11 @@ class AllToAllStats:
         host_reads: device-to-host reads of this forward (1 variable, 0 fixed capacity on
             an accelerator; see docs/parallel.md, "Host reads per step").
         hierarchy / chunks: the exchange that ran (``"flat"`` or ``"node"``) and its chunk count.
+        rounds: the dispatch-experts-return rounds of this forward (more than 1 only when
+            ``max_recv_rows`` cut the exchange; see :mod:`.bounded`).
+        peak_recv_rows: the most rows this rank received at once (in one round), its own
+            included: at most ``max_recv_rows`` when set; ``W * B`` in fixed-capacity mode;
+            ``None`` for the hierarchical exchange.
 
     Every figure is reproduced exactly from the routing alone by ``benchmarks/ep_traffic.py``.
     """
@@ -58,6 +63,8 @@ class AllToAllStats:
     host_reads: int = 1
     hierarchy: str = "flat"
     chunks: int = 1
+    rounds: int = 1
+    peak_recv_rows: Optional[int] = None
 
 
 @dataclass
