@@ -13,6 +13,7 @@ transposed or sliced views (e.g. halves of a fused gate/up tensor) are used in p
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
@@ -41,6 +42,8 @@ def check_ffn_args(x, expert_ids, weights, w1, w2, v1=None, block_size: int = 64
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if not isinstance(expert_ids, torch.Tensor):
@@ -50,6 +53,8 @@ def check_ffn_args(x, expert_ids, weights, w1, w2, v1=None, block_size: int = 64
     if w1.dim() != 3:
         raise ValueError(f"w1 must be [num_experts, hidden, ffn], got shape {_shape(w1)}")
     E, H, ffn = w1.shape
+    if E == 0 or ffn == 0:
+        raise ValueError(f"w1 must be [num_experts >= 1, hidden, ffn >= 1], got shape {_shape(w1)}")
     if x.shape[1] != H:
         raise ValueError(f"x has hidden size {x.shape[1]} but w1 expects {H} (w1 shape {_shape(w1)})")
     if _shape(w2) != (E, ffn, H):
@@ -67,7 +72,8 @@ def check_ffn_args(x, expert_ids, weights, w1, w2, v1=None, block_size: int = 64
     for name, t in list(named.items()) + [("expert_ids", expert_ids)]:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected one device")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
+    # an integer: 16.0 == 16 would pass `in` and reach the index arithmetic
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
 
 

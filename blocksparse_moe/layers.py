@@ -144,6 +144,8 @@ class _MoEBase(nn.Module):
         H = self.config.hidden_size
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor of dtype {self.w1.dtype}, got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != H:

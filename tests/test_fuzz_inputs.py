@@ -549,7 +549,7 @@ def _small_args(**over):
     return a
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])  # the block-layout backends
+@pytest.mark.parametrize("backend", ["torch", "triton", "grouped"])
 def test_float_block_size_is_rejected(backend):
     """block_size=16.0 equals 16, so `in SUPPORTED_BLOCK_SIZES` let it through to the index arithmetic:
     a TypeError from F.pad (torch) or a RuntimeError from the custom op's schema (triton). Found by the fuzz."""
@@ -576,24 +576,19 @@ def test_everything_on_meta(backend):
     assert y.device.type == "meta" and y.shape == (6, 8)
 
 
-# Gaps found by the fuzz whose fix belongs in files other engineers are editing (functional.py's
-# check_ffn_args, layers.py's _check_input); strict, so they turn into failures once fixed.
-@pytest.mark.xfail(strict=True, reason="check_ffn_args does not check the layout: a sparse w1 crashes inside a backend")
+# Gaps the fuzz found, fixed in check_ffn_args and the layer's _check_input.
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_sparse_weight_is_rejected(backend):
     with pytest.raises(TypeError, match=r"\bw1\b.*(strided|dense|layout)"):
         moe_ffn(**_small_args(w1=torch.randn(3, 8, 12).to_sparse()), block_size=16, backend=backend)
 
 
-@pytest.mark.xfail(strict=True, reason="_check_input does not check the layout: a sparse x fails in reshape")
 def test_sparse_x_is_rejected():
     layer = dMoE(MoEConfig(hidden_size=8, ffn_hidden_size=12, num_experts=3, block_size=16))
     with pytest.raises(TypeError, match=r"\bx\b.*(strided|dense|layout)"):
         layer(torch.randn(4, 8).to_sparse())
 
 
-@pytest.mark.xfail(strict=True, reason="ffn=0 / E=0 reach build_topology / plan_routing, whose messages name "
-                   "ffn_size / num_experts, not w1 (and the grouped backend accepts ffn=0)")  # fmt: skip
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", ["ffn=0", "E=0"])
 def test_empty_expert_dims_name_w1(backend, shape):
