@@ -264,14 +264,27 @@ def is_mismatch(m: dict) -> bool:
     return any(not v <= 1.0 for v in m["ratios"].values())
 
 
+def _edges(m: dict) -> dict:
+    """Which edges a case hit (counted per mode in the results)."""
+    c = m["case"]
+    held = set(range(c["E"])) if c["owners"] is None else set(c["owners"])
+    n_held = min(c["E"], c["world_size"]) if c["owners"] is None else len(held)
+    return {"rounds_gt_1": (m["rounds"] or 0) > 1, "rank_without_expert": n_held < c["world_size"],
+            "rank_with_0_tokens": 0 in c["tokens"], "k_eq_E": c["k"] == c["E"], "prime_E": c["E"] in (2, 3, 5, 7, 11, 13),
+            "glu": c["glu"], "every_token_on_one_rank": c["hot"], "chunks_gt_1": c["chunks"] > 1}  # fmt: skip
+
+
 def summarize(worlds: list) -> dict:
-    per = defaultdict(lambda: {"cases": 0, "worst_ratio": defaultdict(float), "rounds_max": 0})
+    per = defaultdict(lambda: {"cases": 0, "worst_ratio": defaultdict(float), "rounds_max": 0,
+                               "edges": defaultdict(int)})  # fmt: skip
     mismatches, ties = [], 0
     for w in worlds:
         for m in w["results"]:
             key = f"W={w['world_size']}/{m['case']['mode']}"
             per[key]["cases"] += 1
             per[key]["rounds_max"] = max(per[key]["rounds_max"], m["rounds"] or 0)
+            for edge, hit in _edges(m).items():
+                per[key]["edges"][edge] += hit
             ties += m["near_tie"] is not None
             if m["near_tie"] is None:
                 for q, v in m["ratios"].items():
@@ -280,7 +293,8 @@ def summarize(worlds: list) -> dict:
                 mismatches.append(m)
     worst = max((v for p in per.values() for v in p["worst_ratio"].values()), default=0.0)
     return dict(cases=sum(p["cases"] for p in per.values()), mismatches=len(mismatches), worst_ratio=worst,
-                near_ties=ties, per_mode={k: {**v, "worst_ratio": dict(v["worst_ratio"])} for k, v in sorted(per.items())},
+                near_ties=ties, per_mode={k: {**v, "worst_ratio": dict(v["worst_ratio"]), "edges": dict(v["edges"])}
+                                          for k, v in sorted(per.items())},
                 mismatch_cases=mismatches[:10])  # fmt: skip
 
 
