@@ -50,7 +50,7 @@ PRIMES_AND_MORE = [1, 2, 3, 4, 5, 7, 8, 11, 13, 16]
 
 @st.composite
 def cases(draw):
-    backend = draw(st.sampled_from(["grouped"] * 6 + ["grouped_mm"] * 3 + ["torch"] * 3 + ["triton"]))
+    backend = draw(st.sampled_from(["grouped"] * 12 + ["grouped_mm"] * 6 + ["torch"] * 6 + ["triton"]))  # triton: slow
     layer = draw(st.sampled_from(["moe_ffn"] * 3 + ["dmoe"]))
     # A dMoE in half precision rounds its router's logits in that precision (the router
     # is the model's, not the FFN's): its router gradient is not an FFN accuracy question.
@@ -128,9 +128,9 @@ def run_case(c: dict) -> dict[str, float]:
             y = moe_ffn(x, ids, w, w1, w2, v1, activation=c["activation"], block_size=c["bs"], backend=backend)
     ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
     ref = _reference(c, ids, w, ref_leaves, layer if c["layer"] == "dmoe" else None)
-    dy = torch.randn(T, H, generator=g)
-    (y.float() * dy).sum().backward()
-    (ref * dy.double()).sum().backward()
+    dy = torch.randn(T, H, generator=g).to(dtype)  # rounded once: the oracle sees the same incoming gradient
+    y.backward(dy)
+    ref.backward(dy.double())
     out = {"output": error_ratio(y, ref, **tol)}
     for n, t in leaves.items():
         got = t.grad if t.grad is not None else torch.zeros_like(t)
