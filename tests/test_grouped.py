@@ -173,3 +173,21 @@ def test_routed_ffn_auto_on_cpu_is_grouped(monkeypatch):
     with pytest.raises(ValueError, match="loops"):
         grouped_ffn(x, plan_routing(ids, 4), None, torch.randn(4, 8, 8), torch.randn(4, 8, 8), products="fast")
     assert routed_ffn is functional.routed_ffn
+
+
+def test_relu_gradient_at_nan_matches_torch():
+    """Shrunk by the fuzz soak: relu'(NaN) is 1 in torch's own backward (threshold_backward passes
+    anything not <= 0), so a NaN token's finite gradients must match the oracle's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, generator=g)
+    x[0, 0] = float("nan")
+    x.requires_grad_()
+    w1 = torch.randn(1, 16, 1, generator=g).requires_grad_()
+    w2 = torch.randn(1, 1, 16, generator=g).requires_grad_()
+    ids, w = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1)
+    moe_ffn(x, ids, w, w1, w2, activation="relu", backend="grouped").sum().backward()
+    xr = x.detach().double().requires_grad_()
+    moe_ffn_dense(xr, ids, w.double(), w1.detach().double(), w2.detach().double(), activation="relu").sum().backward()
+    finite = torch.isfinite(xr.grad)
+    assert finite.any()
+    assert torch.allclose(x.grad.double()[finite], xr.grad[finite], atol=1e-5)

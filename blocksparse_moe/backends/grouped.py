@@ -74,7 +74,8 @@ def _act_fwd_grad(name: str, g: Tensor) -> tuple[Tensor, Tensor]:
         a = g * s
         return a, s * (1.0 + g * (1.0 - s))
     if name == "relu":
-        return torch.relu(g), (g > 0).to(g.dtype)
+        # as torch.relu's own backward (threshold_backward: 0 where the input <= 0): a NaN input passes
+        return torch.relu(g), (~(g <= 0)).to(g.dtype)
     if name == "gelu":
         cdf = 0.5 * (1.0 + torch.erf(g * (1.0 / math.sqrt(2.0))))
         pdf = torch.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi))
