@@ -157,6 +157,7 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
         dev = next((p.device for _, p in s.params()), torch.device("cpu"))
         part = _local_norm_power([p.grad for _, p in s.params() if p.grad is not None], norm_type, dev)
         s.comm.all_reduce_(part, "gradient norm over ep", op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
+        # host read, after backward (clipping), not in forward/backward: one per layer, summed in float64 on the host
         total = torch.maximum(total, part.cpu()) if inf else total + part.cpu()
     plain, sharded = [], []
     for p in unwrap(model).parameters():

@@ -158,6 +158,7 @@ def _layer_stats(shard, reduce: bool) -> ExpertLoadStats:
         tpe = tpe.clone()
         comm.all_reduce_(tpe, "load statistics (all_reduce)")
         extra = torch.tensor([tr.bytes_sent, tr.bytes_received, peak], dtype=torch.int64, device=sent.device)
+        # host read on purpose: collect_load_stats runs after a step, to report; the forward never reads
         rows = torch.stack(comm.all_gather(torch.cat([sent, extra]), "load statistics (all_gather)")).tolist()
         traffic = [r[:W] for r in rows]
         bytes_s, bytes_r, peaks = [r[W] for r in rows], [r[W + 1] for r in rows], [r[W + 2] for r in rows]
