@@ -1,0 +1,164 @@
+"""Compiles the persistent SDD kernels (``kernels/sdd_persistent.py``) for sm_90 and inspects their SASS.
+
+Run by ``tests/test_sdd_persistent.py`` in a subprocess without ``TRITON_INTERPRET``
+(under the interpreter ``@triton.jit`` functions cannot be compiled):
+``python tests/sm90_persistent_worker.py OUT.json [all]``. Writes one JSON record per
+case: resources from ``cuobjdump --dump-resource-usage`` (REG, STACK, LOCAL), the
+dynamic shared memory Triton asks for (``metadata.shared``), and counts of the SASS
+instructions the checks and ``docs/perf-notes.md`` talk about (HGMMA: wgmma;
+UTMALDG: TMA tile loads; LDGSTS: cp.async; STG.E.128: 16-byte stores; LDL/STL:
+local memory; USETMAXREG: the register split of warp specialization).
+
+The cases are the launches a bf16 Hopper run makes at BLOCK=128 (the default config,
+``sdd_persistent.default_config``, of each kernel form and operand layout), the
+schedule kernel, and one warp-specialized variant (to see whether this Triton does
+anything with ``warp_specialize`` on sm_90). With ``all``, every config of
+``persistent_configs(128)`` in both load modes as well (about 60 kernels).
+
+Arguments are specialised as a real launch is: pointers 16-byte aligned, unit
+strides as ``constexpr 1`` (the JIT specialises integers equal to 1), the other
+strides and K, N divisible by 16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+SM90 = ("cuda", 90, 32)
+DATA_PTRS = ("a_ptr", "b_ptr", "v_ptr", "out_ptr", "gate_ptr", "up_ptr")
+ALIGNED_INTS = ("K", "N")
+SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "STG.E.128", "LDL", "STL", "USETMAXREG")
+BLOCK = 128
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _module():
+    # By import path: the package exports the function sdd_persistent under the module's name.
+    import importlib
+
+    return importlib.import_module("blocksparse_moe.kernels.sdd_persistent")
+
+
+def _cases(compile_all: bool) -> list[dict]:
+    P = _module()
+
+    cases = []
+
+    def add(name, glu, tma, k_major=False, store_pre=False, cfg=None, **extra):
+        cfg = dict(cfg or P.default_config(BLOCK, 2, glu), **extra)
+        cases.append(dict(name=name, dtype="bf16", glu=glu, use_tma=tma, k_major=k_major, store_pre=store_pre, config=cfg))
+
+    add("sdd tma", False, True)
+    add("sdd tma k-major b (w2^T)", False, True, k_major=True)
+    add("sdd pointers", False, False)
+    add("sdd tma flatten", False, True, FLATTEN=True)
+    add("sdd tma warp_specialize", False, True, WARP_SPECIALIZE=True)
+    add("glu tma", True, True)
+    add("glu tma store_pre k-major (gate_up_proj^T)", True, True, k_major=True, store_pre=True)
+    add("glu pointers", True, False)
+    if compile_all:
+        for glu in (False, True):
+            for cfg in P.persistent_configs(BLOCK, 2, glu):
+                for tma in (True, False):
+                    add(f"{'glu' if glu else 'sdd'} {'tma' if tma else 'pointers'} sweep", glu, tma, cfg=cfg)
+    cases.append(dict(name="schedule", kernel="schedule", config={"num_warps": 4, "num_stages": 3}))
+    return cases
+
+
+def _source(case: dict):
+    from triton.compiler import ASTSource
+
+    P = _module()
+
+    if case.get("kernel") == "schedule":
+        fn = P._schedule_kernel
+        sig = {"offsets_ptr": "*i32", "schedule_ptr": "*i32", "R": "i32", "F": "i32", "NT": "i32",
+               "COL_BITS": "constexpr", "GROUP": "constexpr", "TILE": "constexpr"}  # fmt: skip
+        return ASTSource(fn, sig, {"COL_BITS": 7, "GROUP": P.GROUP, "TILE": P._SCHEDULE_TILE})
+    fn = P._sdd_persistent_kernel
+    cfg = case["config"]
+    unit = {"stride_ak"} | ({"stride_bk", "stride_vk"} if case["k_major"] else {"stride_bn", "stride_vn"})
+    constexprs = dict(
+        BLOCK=BLOCK, BLOCK_K=cfg["BLOCK_K"], BLOCKS_N=cfg["BLOCKS_N"], COL_BITS=7,
+        USE_TMA=case["use_tma"], B_K_MAJOR=case["k_major"], GLU=case["glu"], STORE_PRE=case["store_pre"],
+        UPCAST=False, PRECISION="tf32", FLATTEN=cfg.get("FLATTEN", False), WARP_SPECIALIZE=cfg.get("WARP_SPECIALIZE", False),
+    )  # fmt: skip
+    sig, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            sig[arg] = "constexpr"
+        elif arg in unit:
+            sig[arg], constexprs[arg] = "constexpr", 1
+        elif arg.endswith("_ptr"):
+            sig[arg] = "*" + case["dtype"] if arg in DATA_PTRS else "*i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[arg] = "i32"
+            if arg.startswith("stride_") or arg in ALIGNED_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = {p.name for p in fn.params if p.is_constexpr} - set(constexprs)
+    if missing:  # the kernel grew a constexpr: this table must follow
+        raise KeyError(f"no value for constexpr(s) {sorted(missing)}; update {__file__}")
+    return ASTSource(fn, sig, constexprs, attrs)
+
+
+def _compile(case: dict, tmpdir: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    out = dict(case)
+    t0 = time.perf_counter()
+    try:
+        options = {k: case["config"][k] for k in ("num_warps", "num_stages")}
+        kernel = triton.compile(_source(case), target=GPUTarget(*SM90), options=options)
+    except Exception as e:  # noqa: BLE001 - every failure is reported, the rest still compile
+        msg = f"{type(e).__name__}: {e}"
+        out.update(ok=False, error=msg if len(msg) < 2000 else msg[:300] + " [...] " + msg[-1500:])
+        return out
+    path = os.path.join(tmpdir, f"{os.getpid()}.cubin")
+    with open(path, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    sass = subprocess.run([_cuobjdump(), "--dump-sass", path], capture_output=True, text=True).stdout
+    res = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+    if not {"reg", "stack", "local"} <= set(res):
+        out.update(ok=False, error=f"no REG/STACK/LOCAL in cuobjdump's resource usage:\n{usage}")
+        return out
+    # The instruction stream only (addresses and encodings vary with nothing that matters).
+    body = "\n".join(m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+([^;]*;)", sass))
+    out.update(
+        ok=True, resources=res, shared=int(kernel.metadata.shared),
+        sass={op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass)) for op in SASS_OPS},
+        sass_sha=hashlib.sha1(body.encode()).hexdigest()[:12], seconds=round(time.perf_counter() - t0, 2),
+    )  # fmt: skip
+    return out
+
+
+def main(out_path: str, compile_all: bool) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")  # triton 3.9's fp-fusion notice, once per process
+    records = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for case in _cases(compile_all):
+            records.append(_compile(case, tmpdir))
+            with open(out_path, "w") as f:  # partial results survive a timeout
+                json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit(f"usage: {sys.argv[0]} OUT.json [all] (run by tests/test_sdd_persistent.py)")
+    main(sys.argv[1], len(sys.argv) == 3 and sys.argv[2] == "all")
