@@ -244,6 +244,11 @@ def default_config(block: int, elem_bytes: int = 2, glu: bool = False) -> dict:
     configs = persistent_configs(block, elem_bytes, glu)
     if not configs:
         raise ValueError(f"sdd_persistent: no config fits block={block}, element size {elem_bytes}, glu={glu}")
+    return preferred_config(configs)
+
+
+def preferred_config(configs: list[dict]) -> dict:
+    """Among ``persistent_configs``: the widest tile, BLOCK_K 64, 8 warps, the deepest pipeline."""
     return max(configs, key=lambda c: (c["BLOCKS_N"], c["BLOCK_K"] == 64, -abs(c["num_warps"] - 8), c["num_stages"]))
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 15's device check, one call on a lent H100/H200, from the repository root:
+#
+#   bash benchmarks/device_persistent.sh            # under 8 minutes in all
+#
+# 1. install this package (editable, no index) and print versions and the GPU state;
+# 2. the persistent-kernel tests compiled on the GPU (tests/test_sdd_persistent.py,
+#    interpreter off: TMA for real, the float64 references, NaN-poisoned outputs),
+#    at most 90 s;
+# 3. python -m benchmarks.persistent --sweep: sdd vs sdd_persistent (pointers, TMA,
+#    a few TMA configs) vs torch._grouped_mm vs dense torch.matmul, and the fused
+#    SwiGLU SDD vs its unfused forms, Mixtral and fine-grained shapes, uniform and
+#    skewed, bf16. It writes $OUT/results/persistent.json after every measurement and
+#    starts none after BUDGET_S (default 240 s), so a cut-short run keeps its numbers.
+#
+# BSMOE_AUTOTUNE=0 skips sdd's autotuning (faster, but then sdd runs one default config).
+# Dry run on any CPU machine: python -m benchmarks.persistent --dry-run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/bsmoe-out}
+mkdir -p "$OUT/results"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR="$PWD/.triton-cache" TRITON_INTERPRET=0
+BUDGET_S=${BUDGET_S:-240}
+export BSMOE_GIT_SHA=${BSMOE_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+
+echo "=== setup ($(date -u +%T))"
+if ! python3 -c "import blocksparse_moe.kernels.sdd_persistent" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/setup.log" 2>&1 \
+    || { tail -20 "$OUT/setup.log"; exit 1; }
+fi
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || exit 1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu --format=csv
+echo "git $BSMOE_GIT_SHA"
+
+echo "=== tests ($(date -u +%T))"
+BSMOE_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -ra \
+  --junitxml "$OUT/tests-persistent.xml" tests/test_sdd_persistent.py -k "not compile_for_sm90" >"$OUT/tests-persistent.log" 2>&1
+echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/tests-persistent.log" | tail -15
+
+echo "=== bench ($(date -u +%T))"
+timeout $((BUDGET_S + 90)) python3 -m benchmarks.persistent --sweep --budget-s "$BUDGET_S" --out "$OUT/results" \
+  2>&1 | tee "$OUT/bench-persistent.log" | tail -60
+echo "bench exit ${PIPESTATUS[0]}"
+echo "=== done ($(date -u +%T))"

@@ -1,0 +1,231 @@
+"""Times the persistent SDD kernels against ``sdd``, ``torch._grouped_mm`` and dense ``torch.matmul`` (issue 15).
+
+``python -m benchmarks.persistent --out DIR`` on a CUDA GPU (bf16): for the Mixtral
+(h4096/f14336/E8/k2) and fine-grained (h2048/f768/E128/k8) shapes at 16K tokens,
+uniform and skewed routing, it times with ``triton.testing.do_bench`` (medians):
+
+* the forward SDD ``h = x_sorted @ w1``: ``sdd`` (autotuned unless
+  ``BSMOE_AUTOTUNE=0``), ``sdd_persistent`` with pointer loads and with TMA (its
+  default config, plus a few others with ``--sweep``), ``torch._grouped_mm`` over the
+  sorted rows, and a dense ``[S, H] @ [H, N]`` of equal useful FLOPs;
+* the SwiGLU front half ``h = silu(x@w1) * (x@v1)``: ``sdd_glu`` (pointers, TMA),
+  two ``sdd`` plus the torch activation-and-product, and ``grouped_mm`` on the
+  concatenated ``[w1 | v1]`` plus the same torch epilogue.
+
+Every Triton output is first checked against ``sdd``'s (relative Frobenius error,
+recorded). Results go to ``DIR/persistent.json`` after every measurement (a run cut
+short keeps what it measured); ``--budget-s`` stops starting new measurements.
+
+``--dry-run`` (any machine, no GPU): builds the routings and topologies of the real
+shapes on the CPU and prints the launch plan (tiles, grid, configs, TMA
+eligibility, FLOPs, bytes) without allocating the operands. ``--smoke`` runs a tiny
+shape through every implementation on the CPU (``TRITON_INTERPRET=1``), to catch
+errors in this script before device time is spent on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+from blocksparse_moe import build_topology, plan_routing
+
+from .shapes import FINE_GRAINED, MIXTRAL, KernelShape, make_expert_ids
+
+P = importlib.import_module("blocksparse_moe.kernels.sdd_persistent")
+SHAPES = (MIXTRAL, FINE_GRAINED)
+SMOKE = KernelShape("smoke-h64-f96-e7-k2-t40", "smoke", 40, 64, 96, 7, 2, 16)
+ROUTINGS = ("uniform", "skewed")
+SWEEP = (  # TMA configs besides the default at BLOCK=128 (bf16): narrower tile, shallower pipe, BLOCK_K 128
+    dict(BLOCK_K=64, BLOCKS_N=1, num_warps=4, num_stages=4),
+    dict(BLOCK_K=64, BLOCKS_N=2, num_warps=8, num_stages=3),
+    dict(BLOCK_K=128, BLOCKS_N=2, num_warps=8, num_stages=2),
+    dict(BLOCK_K=64, BLOCKS_N=2, num_warps=8, num_stages=4, FLATTEN=True),
+)
+
+
+def _setup(shape: KernelShape, routing: str, device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = make_expert_ids(shape.tokens, shape.experts, shape.top_k, routing, gen)
+    plan = plan_routing(ids.to(device), shape.experts)
+    topo = build_topology(plan, shape.ffn, shape.block_size)
+    return plan, topo
+
+
+def _counts(shape: KernelShape, es: int = 2) -> dict:
+    S, H, N, E = shape.tokens * shape.top_k, shape.hidden, shape.ffn, shape.experts
+    flops = 2 * S * H * N
+    return dict(S=S, flops=flops, min_bytes=es * (S * H + E * H * N + S * N),
+                glu_flops=2 * flops, glu_min_bytes=es * (S * H + 2 * E * H * N + S * N))  # fmt: skip
+
+
+def plan_shape(shape: KernelShape, routing: str) -> dict:
+    """What a run of this shape launches, from host-side sizes (no operand allocated)."""
+    plan, topo = _setup(shape, routing, torch.device("cpu"))
+    bs, F, R = topo.block_size, topo.ffn_blocks, topo.max_block_rows
+    S, H, N, E = plan.num_slots, shape.hidden, shape.ffn, shape.experts
+    meta = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    out = dict(shape=shape.asdict(), routing=routing, R=R, F=F, capacity=topo.capacity,
+               active_block_rows=int(topo.expert_block_offsets[-1]), **_counts(shape))  # fmt: skip
+    for glu in (False, True):
+        cfg = P.persistent_configs(bs, 2, glu)
+        default = P.preferred_config(cfg)  # default_config's choice on a GPU
+        nt = triton.cdiv(F, default["BLOCKS_N"])
+        out["glu" if glu else "sdd"] = dict(default_config=default, configs=len(cfg), tiles=R * nt,
+                                            grid_on_132_sms=min(132, R * nt))  # fmt: skip
+    out["tma"] = {
+        "a": P.tma_problem("a", meta(S, H), 1) or "ok",
+        "w1 [E,H,N]": P.tma_problem("w1", meta(E, H, N), 2) or "ok",
+        "w2^T view": P.tma_problem("w2^T", meta(E, N, H).transpose(1, 2), 1) or "ok",
+    }
+    return out
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    g, r = got.float(), ref.float()
+    return float((g - r).norm() / r.norm().clamp_min(1e-30))
+
+
+class Runner:
+    def __init__(self, out_dir: str, budget_s: float, device, smoke: bool):
+        self.path = os.path.join(out_dir, "persistent.json")
+        self.t_end = time.monotonic() + budget_s
+        self.device, self.smoke = device, smoke
+        self.records = []
+        self.env = dict(torch=torch.__version__, triton=triton.__version__, argv=sys.argv,
+                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                        git_sha=os.environ.get("BSMOE_GIT_SHA"), autotune=os.environ.get("BSMOE_AUTOTUNE", "1"))  # fmt: skip
+
+    def time(self, fn) -> float:
+        if self.smoke:  # CPU: one run, to exercise the code; not a measurement
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def record(self, base: dict, name: str, fn, check=None, flops: int = 0):
+        if time.monotonic() > self.t_end:
+            return None
+        rec = dict(base, impl=name)
+        try:
+            result = fn()  # the first call compiles (and autotunes): outside the timing
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            if check is not None:
+                rec["rel_err_vs_sdd"] = _rel_err(*check(result))
+            rec["ms"] = self.time(fn)
+            rec["tflops"] = round(flops / rec["ms"] / 1e9, 1) if flops and not self.smoke else None
+        except Exception as err:  # noqa: BLE001 - record it and measure the rest
+            rec["error"] = f"{type(err).__name__}: {str(err)[:500]}"
+        self.records.append(rec)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(dict(env=self.env, results=self.records), f, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+        print(f"{base['shape']:<36} {base['routing']:<8} {name:<28} "
+              + (f"{rec['ms']:9.3f} ms" if "ms" in rec else rec.get("error", "")[:80]), flush=True)  # fmt: skip
+        return result if "ms" in rec else None
+
+
+def run_shape(run: Runner, shape: KernelShape, routing: str, sweep: bool):
+    dev, dt = run.device, torch.bfloat16
+    plan, topo = _setup(shape, routing, dev)
+    S, H, N, E = plan.num_slots, shape.hidden, shape.ffn, shape.experts
+    c = _counts(shape)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device=dev) * scale).to(dt)  # noqa: E731
+    x, w1, v1 = rnd(S, H), rnd(E, H, N, scale=H**-0.5), rnd(E, H, N, scale=H**-0.5)
+    base = dict(shape=shape.name, routing=routing)
+    offs = plan.expert_offsets[1:].to(torch.int32).clone()
+    ref = run.record(base, "sdd", lambda: P_sdd(x, w1, topo), flops=c["flops"])
+    same = (lambda out: (out, ref)) if ref is not None else None
+    run.record(base, "sdd_persistent pointers", lambda: P.sdd_persistent(x, w1, topo, use_tma=False),
+               check=same, flops=c["flops"])  # fmt: skip
+    # TMA: the GPU's, or under --smoke the interpreter's emulation of it.
+    run.record(base, "sdd_persistent tma", lambda: P.sdd_persistent(x, w1, topo, use_tma=True), check=same,
+               flops=c["flops"])  # fmt: skip
+    for i, cfg in enumerate(SWEEP if sweep else ()):
+        run.record(dict(base, config=cfg), f"sdd_persistent tma sweep{i}",
+                   lambda cfg=cfg: P.sdd_persistent(x, w1, topo, use_tma=True, config=cfg), check=same,
+                   flops=c["flops"])  # fmt: skip
+    # The backward's SDD, dh = dy_sorted @ w2^T: b a K-contiguous view (the K-major descriptor).
+    w2t = rnd(E, N, H, scale=N**-0.5).transpose(1, 2)
+    ref_t = run.record(base, "bwd sdd (w2^T)", lambda: P_sdd(x, w2t, topo), flops=c["flops"])
+    run.record(base, "bwd sdd_persistent tma (w2^T)", lambda: P.sdd_persistent(x, w2t, topo, use_tma=True),
+               check=(lambda out: (out, ref_t)) if ref_t is not None else None, flops=c["flops"])  # fmt: skip
+    del w2t
+    if hasattr(torch, "_grouped_mm"):  # torch 2.13 has a CPU version too: --smoke runs it
+        run.record(base, "grouped_mm", lambda: torch._grouped_mm(x, w1, offs=offs), flops=c["flops"])
+    wd = w1[0].contiguous()  # dense [S, H] @ [H, N]: the same useful FLOPs as the SDD
+    run.record(base, "dense matmul", lambda: torch.matmul(x, wd), flops=c["flops"])
+    # SwiGLU front half.
+    act = torch.nn.functional.silu
+    g_ref = run.record(base, "glu: 2x sdd + torch epilogue",
+                       lambda: act(P_sdd(x, w1, topo)) * P_sdd(x, v1, topo), flops=c["glu_flops"])  # fmt: skip
+    same_h = (lambda out: (out, g_ref)) if g_ref is not None else None
+    for tma in (False, True):
+        run.record(base, f"sdd_glu {'tma' if tma else 'pointers'}", lambda tma=tma: P.sdd_glu(x, w1, v1, topo, use_tma=tma),
+                   check=same_h, flops=c["glu_flops"])  # fmt: skip
+    if hasattr(torch, "_grouped_mm"):
+        w13 = torch.cat([w1, v1], dim=2)
+
+        def gmm_glu():
+            gu = torch._grouped_mm(x, w13, offs=offs)
+            return act(gu[:, :N]) * gu[:, N:]
+
+        run.record(base, "glu: grouped_mm [w1|v1] + torch epilogue", gmm_glu, flops=c["glu_flops"])
+    del x, w1, v1
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def P_sdd(x, w, topo):  # noqa: N802 - the existing kernel, by import path (the package exports the function)
+    return importlib.import_module("blocksparse_moe.kernels.sdd").sdd(x, w, topo)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bsmoe-out"))
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no new measurement after this many seconds")
+    ap.add_argument("--routing", default=",".join(ROUTINGS))
+    ap.add_argument("--shapes", default="mixtral,fine", help="comma list of: mixtral, fine")
+    ap.add_argument("--sweep", action="store_true", help="time a few TMA configs besides the default")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the launch plan of the real shapes (CPU, no operands)")
+    mode.add_argument("--smoke", action="store_true", help="a tiny shape through every implementation on the CPU")
+    args = ap.parse_args(argv)
+    routings = args.routing.split(",")
+    shapes = [{"mixtral": MIXTRAL, "fine": FINE_GRAINED}[s] for s in args.shapes.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    if args.dry_run:
+        plans = [plan_shape(s, r) for s in shapes for r in routings]
+        with open(os.path.join(args.out, "persistent-plan.json"), "w") as f:
+            json.dump(plans, f, indent=1)
+        print(json.dumps(plans, indent=1))
+        return 0
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--smoke runs under the interpreter: set TRITON_INTERPRET=1")
+        run = Runner(args.out, args.budget_s, torch.device("cpu"), smoke=True)
+        for r in routings:
+            run_shape(run, SMOKE, r, sweep=False)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: use --dry-run or --smoke on a CPU")
+        run = Runner(args.out, args.budget_s, torch.device("cuda"), smoke=False)
+        for r in routings:  # every shape's uniform run before any skewed one, should the budget end
+            for s in shapes:
+                run_shape(run, s, r, args.sweep)
+    bad = [r for r in run.records if "error" in r or r.get("rel_err_vs_sdd", 0) > 2e-2]
+    print(f"{len(run.records)} records in {run.path}; {len(bad)} errors or mismatches")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
