@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Issue 15's device check, one call on a lent H100/H200, from the repository root:
 #
-#   bash benchmarks/device_persistent.sh            # under 8 minutes in all
+#   bash benchmarks/device_persistent.sh            # under 8 minutes in all (about 30 + 60 + 90 + 300 s at most)
 #
 # 1. install this package (editable, no index) and print versions and the GPU state;
-# 2. the persistent-kernel tests compiled on the GPU (tests/test_sdd_persistent.py,
+# 2. the sm_90 compile records of tests/sm90_persistent_worker.py with the device's own
+#    Triton (registers, shared memory, HGMMA/UTMALDG counts), at most 60 s;
+# 3. the persistent-kernel tests compiled on the GPU (tests/test_sdd_persistent.py,
 #    interpreter off: TMA for real, the float64 references, NaN-poisoned outputs),
 #    at most 90 s;
-# 3. python -m benchmarks.persistent --sweep: sdd vs sdd_persistent (pointers, TMA,
+# 4. python -m benchmarks.persistent --sweep: sdd vs sdd_persistent (pointers, TMA,
 #    a few TMA configs) vs torch._grouped_mm vs dense torch.matmul, and the fused
 #    SwiGLU SDD vs its unfused forms, Mixtral and fine-grained shapes, uniform and
 #    skewed, bf16. It writes $OUT/results/persistent.json after every measurement and
-#    starts none after BUDGET_S (default 240 s), so a cut-short run keeps its numbers.
+#    starts none after BUDGET_S (default 210 s), so a cut-short run keeps its numbers.
 #
 # BSMOE_AUTOTUNE=0 skips sdd's autotuning (faster, but then sdd runs one default config).
 # Dry run on any CPU machine: python -m benchmarks.persistent --dry-run
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bsmoe-out}
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR="$PWD/.triton-cache" TRITON_INTERPRET=0
-BUDGET_S=${BUDGET_S:-240}
+BUDGET_S=${BUDGET_S:-210}
 export BSMOE_GIT_SHA=${BSMOE_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 
 echo "=== setup ($(date -u +%T))"
@@ -31,6 +33,14 @@ fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu --format=csv
 echo "git $BSMOE_GIT_SHA"
+
+echo "=== sass ($(date -u +%T))"  # the device image's Triton (3.6 per KINDS.md), not the 3.9 of the CPU evidence
+timeout 60 python3 tests/sm90_persistent_worker.py "$OUT/results/persistent-sass.json" >"$OUT/sass.log" 2>&1
+echo "sass exit $?"; python3 -c "
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    print(r['name'], 'ok' if r.get('ok') else r.get('error', '?')[:200], r.get('resources'), r.get('shared'), r.get('sass'))
+" "$OUT/results/persistent-sass.json" 2>&1 | tail -12
 
 echo "=== tests ($(date -u +%T))"
 BSMOE_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -ra \

@@ -75,7 +75,7 @@ def plan_shape(shape: KernelShape, routing: str) -> dict:
     out = dict(shape=shape.asdict(), routing=routing, R=R, F=F, capacity=topo.capacity,
                active_block_rows=int(topo.expert_block_offsets[-1]), **_counts(shape))  # fmt: skip
     for glu in (False, True):
-        cfg = P.persistent_configs(bs, 2, glu)
+        cfg = P.persistent_configs(bs, 2, glu, use_tma=False)
         default = P.preferred_config(cfg)  # default_config's choice on a GPU
         nt = triton.cdiv(F, default["BLOCKS_N"])
         out["glu" if glu else "sdd"] = dict(default_config=default, configs=len(cfg), tiles=R * nt,

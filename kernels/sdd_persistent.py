@@ -118,7 +118,6 @@ def _sdd_persistent_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     FLATTEN: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Grid ``(min(num_programs, num_tiles),)``; each program computes tiles ``pid, pid + P, ...``.
 
@@ -147,7 +146,9 @@ def _sdd_persistent_kernel(
                                                block_shape=[1, BLOCK_K, BN])  # fmt: skip
             v_desc = tl.make_tensor_descriptor(v_ptr, shape=[E, K, N], strides=[stride_ve, stride_vk, 1],
                                                block_shape=[1, BLOCK_K, BN])  # fmt: skip
-    for t in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+    # No warp_specialize: triton 3.9 compiled this loop with it to the same sm_90 SASS as without
+    # (tests/sm90_persistent_worker.py, docs/perf-notes.md), and older Tritons lack the argument.
+    for t in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         packed = tl.load(schedule_ptr + t)
         r = packed >> COL_BITS
         f0 = (packed & ((1 << COL_BITS) - 1)) * BLOCKS_N
@@ -215,17 +216,22 @@ def _sdd_persistent_kernel(
 # Host side: configs, the schedule, TMA eligibility, launchers.
 
 
-def persistent_configs(block: int, elem_bytes: int = 2, glu: bool = False) -> list[dict]:
+def persistent_configs(block: int, elem_bytes: int = 2, glu: bool = False, use_tma: bool = True) -> list[dict]:
     """Launchable configs ``{BLOCK_K, BLOCKS_N, num_warps, num_stages}`` for a block size and element size.
 
     Tiles are ``block x BLOCKS_N*block`` (256 wide at most: a TMA box dimension's limit);
     under GLU the two accumulators count as one tile twice as wide for registers and
     shared memory. Filtered by the same register and shared-memory models as
-    ``kernels.config`` (calibrated on sm_90 SASS).
+    ``kernels.config`` (calibrated on sm_90 SASS). The pointer path (``use_tma=False``)
+    does not get BLOCK_K 128: at 128 rows it held every thread's addresses and masks of
+    a 128-wide K slice and spilled 64-192 bytes of stack in all four such bf16 configs
+    (``tests/sm90_persistent_worker.py all``); the TMA path, with no per-thread
+    addresses, stayed at 96-165 registers and no stack.
     """
     eb = 4 if elem_bytes >= 4 else 2
     out = []
-    for blocks_n, block_k, warps, stages in itertools.product((1, 2, 4, 8, 16), (32, 64, 128), (4, 8), (2, 3, 4)):
+    block_ks = (32, 64, 128) if use_tma else (32, 64)
+    for blocks_n, block_k, warps, stages in itertools.product((1, 2, 4, 8, 16), block_ks, (4, 8), (2, 3, 4)):
         n = blocks_n * block
         width = 2 * n if glu else n
         if n > 256 or width > 512 or (blocks_n > 1 and n < 128):
@@ -241,7 +247,7 @@ def default_config(block: int, elem_bytes: int = 2, glu: bool = False) -> dict:
     config under the interpreter."""
     if interpreting():
         return dict(BLOCK_K=32, BLOCKS_N=1 if glu else 2, num_warps=4, num_stages=1)
-    configs = persistent_configs(block, elem_bytes, glu)
+    configs = persistent_configs(block, elem_bytes, glu, use_tma=False)  # one default for both load paths
     if not configs:
         raise ValueError(f"sdd_persistent: no config fits block={block}, element size {elem_bytes}, glu={glu}")
     return preferred_config(configs)
@@ -314,9 +320,15 @@ def _ensure_allocator() -> None:
     global _ALLOCATOR_SET
     if _ALLOCATOR_SET:
         return
-    from triton.runtime import _allocation
+    try:  # a ContextVar in triton 3.9, a plain module attribute in some older versions
+        from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        holder = _allocation._allocator
+        current = holder.get() if hasattr(holder, "get") else holder
+        unset = isinstance(current, _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
 
         def alloc(size: int, alignment: int, stream):
             device = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
@@ -347,10 +359,10 @@ def _launch(op, a, b, v, topo, out, gate, up, use_tma, config, num_programs, sch
     if topo.capacity == 0:
         return out, gate, up
     cfg = dict(default_config(bs, a.element_size(), glu), **(config or {}))
-    unknown = set(cfg) - {"BLOCK_K", "BLOCKS_N", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE"}
+    unknown = set(cfg) - {"BLOCK_K", "BLOCKS_N", "num_warps", "num_stages", "FLATTEN"}
     if unknown:
         raise ValueError(f"{op}: config has unknown keys {sorted(unknown)}; expected BLOCK_K, BLOCKS_N, "
-                         "num_warps, num_stages, FLATTEN, WARP_SPECIALIZE")  # fmt: skip
+                         "num_warps, num_stages, FLATTEN")  # fmt: skip
     if cfg["BLOCKS_N"] * bs > 256:
         raise ValueError(f"{op}: config BLOCKS_N={cfg['BLOCKS_N']} x block {bs} > 256 columns (a TMA box's limit)")
     weights = {"b": b, "v": v} if glu else {"b": b}
@@ -384,7 +396,7 @@ def _launch(op, a, b, v, topo, out, gate, up, use_tma, config, num_programs, sch
         BLOCK=bs, BLOCK_K=cfg["BLOCK_K"], BLOCKS_N=cfg["BLOCKS_N"], COL_BITS=max(1, (nt - 1).bit_length()),
         USE_TMA=bool(use_tma), B_K_MAJOR=bool(use_tma and k_major), GLU=glu, STORE_PRE=bool(store_pre),
         UPCAST=needs_upcast(a.dtype), PRECISION=dot_precision(a.dtype),
-        FLATTEN=bool(cfg.get("FLATTEN", False)), WARP_SPECIALIZE=bool(cfg.get("WARP_SPECIALIZE", False)),
+        FLATTEN=bool(cfg.get("FLATTEN", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out, gate, up

@@ -12,7 +12,7 @@ sm_90: ``tests/sm90_persistent_worker.py`` compiles the bf16 BLOCK=128 launches 
 subprocess without TRITON_INTERPRET and checks the SASS: HGMMA in every dot kernel,
 ``UTMALDG`` exactly where descriptors are used, no local memory, shared memory within
 an H100's 227 KB. ``BSMOE_COMPILE_ALL=1`` compiles every config of
-``persistent_configs(128)`` as well; ``BSMOE_COMPILE_REPORT=path`` saves the records.
+``persistent_configs(128, use_tma=...)`` as well; ``BSMOE_COMPILE_REPORT=path`` saves the records.
 """
 
 from __future__ import annotations
