@@ -186,3 +186,16 @@ def test_persistent_kernels_compile_for_sm90():
     assert not failures, f"{len(failures)} sm_90 checks failed:\n" + "\n".join(failures)
     names = {r["name"] for r in records}
     assert {"sdd tma", "sdd pointers", "glu tma", "glu pointers", "schedule"} <= names
+
+
+def test_device_benchmark_dry_run(tmp_path):
+    """The prepared device timing (benchmarks/device_persistent.sh) sets up its real shapes on the CPU."""
+    from benchmarks import persistent as bench
+
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--routing", "uniform"]) == 0
+    with open(tmp_path / "persistent-plan.json") as f:
+        plans = json.load(f)
+    assert [p["shape"]["name"] for p in plans] == [s.name for s in bench.SHAPES]
+    for p in plans:
+        assert p["tma"] == {"a": "ok", "w1 [E,H,N]": "ok", "w2^T view": "ok"}, p["tma"]
+        assert p["sdd"]["default_config"]["BLOCKS_N"] * p["shape"]["block_size"] == 256  # the 128x256 tile
