@@ -191,3 +191,30 @@ def test_relu_gradient_at_nan_matches_torch():
     finite = torch.isfinite(xr.grad)
     assert finite.any()
     assert torch.allclose(x.grad.double()[finite], xr.grad[finite], atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["separate", "concat"])
+def test_eager_inference_runs_the_op_bodies_with_the_same_bits(layout, monkeypatch):
+    """Under no_grad in eager mode the op bodies run as plain functions (no dispatcher), bit for bit
+    what the custom ops return; with a gradient to compute the ops (and autograd) are used."""
+    from blocksparse_moe.backends import grouped as grouped_module
+
+    T, E, k, H, F = 9, 5, 5, 16, 12  # k = E: every expert, one token per row block
+    g = torch.Generator().manual_seed(4)
+    ids = make_expert_ids(T, E, k, "uniform", seed=4)
+    x, w = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+    w13 = torch.randn(E, H, 2 * F, generator=g) / 4
+    w2 = torch.randn(E, F, H, generator=g) / 4
+    args = (w13, w2) if layout == "concat" else (w13[..., :F], w2, w13[..., F:])
+    plan = plan_routing(ids, E)
+    run = lambda: grouped_ffn(x, plan, w, *args, activation="silu", layout=layout)  # noqa: E731
+    with torch.no_grad():
+        direct = run()
+    calls = []
+    real_eager = grouped_module._eager_inference
+    monkeypatch.setattr(grouped_module, "_eager_inference", lambda *t: calls.append(real_eager(*t)) or False)
+    with torch.no_grad():
+        through_ops = run()
+    assert calls == [True] and torch.equal(direct, through_ops)
+    w2.requires_grad_()
+    assert not real_eager(x, w, *args) and real_eager(x, w, *args[:1])

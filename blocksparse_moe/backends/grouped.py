@@ -139,8 +139,7 @@ def _sorted_weights(weights: Optional[Tensor], sorted_to_slot: Tensor, dtype: to
 
 
 # --------------------------------------------------------------------------- up: x -> pre-activations
-@torch.library.custom_op("blocksparse_moe::grouped_up", mutates_args=())
-def _up_op(x: Tensor, w1: Tensor, v1: Optional[Tensor], sorted_to_slot: Tensor, expert_offsets: Tensor,
+def _up_impl(x: Tensor, w1: Tensor, v1: Optional[Tensor], sorted_to_slot: Tensor, expert_offsets: Tensor,
            top_k: int, layout: str, padded: bool, loops: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
     S = sorted_to_slot.shape[0]
     pro = GroupedProducts(expert_offsets, S, loops)
@@ -152,6 +151,9 @@ def _up_op(x: Tensor, w1: Tensor, v1: Optional[Tensor], sorted_to_slot: Tensor, 
         if layout == "separate":
             pro.zero_tail(pre3)
     return pre1, pre3
+
+
+_up_op = torch.library.custom_op("blocksparse_moe::grouped_up", mutates_args=())(_up_impl)
 
 
 @_up_op.register_fake
@@ -214,8 +216,7 @@ _up_op.register_autograd(_up_backward, setup_context=_up_setup)
 
 
 # --------------------------------------------------------------------------- down: pre-activations -> y
-@torch.library.custom_op("blocksparse_moe::grouped_down", mutates_args=())
-def _down_op(pre1: Tensor, pre3: Tensor, weights: Optional[Tensor], w2: Tensor, sorted_to_slot: Tensor,
+def _down_impl(pre1: Tensor, pre3: Tensor, weights: Optional[Tensor], w2: Tensor, sorted_to_slot: Tensor,
              expert_offsets: Tensor, num_tokens: int, top_k: int, activation: str, layout: str, padded: bool,
              loops: bool) -> Tensor:  # fmt: skip
     S = sorted_to_slot.shape[0]
@@ -228,6 +229,9 @@ def _down_op(pre1: Tensor, pre3: Tensor, weights: Optional[Tensor], w2: Tensor, 
     if padded:
         pro.zero_tail(ys)
     return _index_add_rows(ys, _tokens(sorted_to_slot, top_k), num_tokens)
+
+
+_down_op = torch.library.custom_op("blocksparse_moe::grouped_down", mutates_args=())(_down_impl)
 
 
 @_down_op.register_fake
@@ -373,6 +377,23 @@ def grouped_ffn(
             f"v1 is given exactly when layout='separate'; got layout={layout!r}, v1 {'set' if v1 is not None else 'None'}"
         )
     loops = products == "loops"
-    pre1, pre3 = _up_op(x, w1, v1, plan.sorted_to_slot, plan.expert_offsets, plan.top_k, layout, padded, loops)
-    return _down_op(pre1, pre3, weights, w2, plan.sorted_to_slot, plan.expert_offsets, plan.num_tokens, plan.top_k,
-                    activation, layout, padded, loops)  # fmt: skip
+    up, down = (_up_impl, _down_impl) if _eager_inference(x, weights, w1, w2, v1) else (_up_op, _down_op)
+    pre1, pre3 = up(x, w1, v1, plan.sorted_to_slot, plan.expert_offsets, plan.top_k, layout, padded, loops)
+    return down(pre1, pre3, weights, w2, plan.sorted_to_slot, plan.expert_offsets, plan.num_tokens, plan.top_k,
+                activation, layout, padded, loops)  # fmt: skip
+
+
+def _eager_inference(*tensors: Optional[Tensor]) -> bool:
+    """Whether the op bodies can run as plain functions: eager, plain tensors, nothing to differentiate.
+
+    The custom ops exist for autograd and for ``torch.compile`` (opaque nodes). In eager
+    inference neither applies, and the dispatcher's wrapping costs ~20 us per op, a tenth
+    of a one-token decode step's expert call; fake or wrapped tensors keep the ops.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
