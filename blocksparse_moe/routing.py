@@ -121,11 +121,11 @@ def _plan_impl(expert_ids: torch.Tensor, num_experts: int, validate: int) -> tup
     _check_id_range(expert_ids, num_experts, {0: None, 1: True, 2: False}[validate])
     device = expert_ids.device
     flat = expert_ids.reshape(-1).to(torch.int32)
-    sorted_expert, sorted_to_slot = torch.sort(flat, stable=True)
-    sorted_to_slot = sorted_to_slot.to(torch.int32)
+    sorted_expert, order = torch.sort(flat, stable=True)  # order: int64, the scatter's index as it is
+    sorted_to_slot = order.to(torch.int32)
     num_slots = flat.numel()
     slot_to_sorted = torch.empty_like(sorted_to_slot)
-    slot_to_sorted.scatter_(0, sorted_to_slot.long(), torch.arange(num_slots, device=device, dtype=torch.int32))
+    slot_to_sorted.scatter_(0, order, torch.arange(num_slots, device=device, dtype=torch.int32))
     # searchsorted over the sorted ids gives every expert's first row without
     # bincount, which reads its output size back to the host on CUDA.
     boundaries = torch.arange(num_experts + 1, device=device, dtype=torch.int32)

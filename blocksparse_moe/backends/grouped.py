@@ -109,17 +109,22 @@ def _index_add_rows(rows: Tensor, index: Tensor, num_out: int) -> Tensor:
     return acc if acc.dtype == rows.dtype else acc.to(rows.dtype)
 
 
-def _hidden_into(h: Tensor, g: Tensor, u: Optional[Tensor], w_sorted: Optional[Tensor], activation: str,
-                 pro: GroupedProducts) -> None:  # fmt: skip
+def _hidden(g: Tensor, u: Optional[Tensor], w_sorted: Optional[Tensor], activation: str,
+            pro: GroupedProducts) -> Tensor:  # fmt: skip
     """``h = act(g) [* u] [* w]``, chunk by chunk, computed in fp32 for half inputs."""
-    cd = _compute_dtype(h.dtype)
-    for sl in pro.chunks(h.shape[1]):
+    cd = _compute_dtype(g.dtype)
+    chunks = pro.chunks(g.shape[1])
+    h = g.new_empty(g.shape) if len(chunks) > 1 else None  # one chunk: its result is h
+    for sl in chunks:
         a = _act_fwd(activation, g[sl].to(cd))
         if u is not None:
             a.mul_(u[sl])
         if w_sorted is not None:
             a.mul_(w_sorted[sl])
+        if h is None:
+            return a.to(g.dtype)
         h[sl] = a
+    return g.new_empty(g.shape) if h is None else h  # no rows
 
 
 def _tokens(sorted_to_slot: Tensor, top_k: int) -> Tensor:
@@ -141,9 +146,13 @@ def _sorted_weights(weights: Optional[Tensor], sorted_to_slot: Tensor, dtype: to
 # --------------------------------------------------------------------------- up: x -> pre-activations
 def _up_impl(x: Tensor, w1: Tensor, v1: Optional[Tensor], sorted_to_slot: Tensor, expert_offsets: Tensor,
            top_k: int, layout: str, padded: bool, loops: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
-    S = sorted_to_slot.shape[0]
-    pro = GroupedProducts(expert_offsets, S, loops)
-    xs = x.index_select(0, _tokens(sorted_to_slot, top_k))
+    pro = GroupedProducts(expert_offsets, sorted_to_slot.shape[0], loops)
+    return _up_rows(x, w1, v1, _tokens(sorted_to_slot, top_k), pro, layout, padded)
+
+
+def _up_rows(x: Tensor, w1: Tensor, v1: Optional[Tensor], token: Tensor, pro: GroupedProducts, layout: str,
+             padded: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+    xs = x.index_select(0, token)
     pre1 = pro.mm(xs, w1)
     pre3 = pro.mm(xs, v1) if layout == "separate" else x.new_empty(0)
     if padded:  # rows no expert owns: zeros, so every later pass over them stays finite
@@ -219,16 +228,21 @@ _up_op.register_autograd(_up_backward, setup_context=_up_setup)
 def _down_impl(pre1: Tensor, pre3: Tensor, weights: Optional[Tensor], w2: Tensor, sorted_to_slot: Tensor,
              expert_offsets: Tensor, num_tokens: int, top_k: int, activation: str, layout: str, padded: bool,
              loops: bool) -> Tensor:  # fmt: skip
-    S = sorted_to_slot.shape[0]
-    pro = GroupedProducts(expert_offsets, S, loops)
+    pro = GroupedProducts(expert_offsets, sorted_to_slot.shape[0], loops)
+    w_sorted = _sorted_weights(weights, sorted_to_slot, pre1.dtype)
+    return _down_rows(pre1, pre3, w_sorted, w2, _tokens(sorted_to_slot, top_k), num_tokens, pro, activation,
+                      layout, padded)  # fmt: skip
+
+
+def _down_rows(pre1: Tensor, pre3: Tensor, w_sorted: Optional[Tensor], w2: Tensor, token: Tensor, num_tokens: int,
+               pro: GroupedProducts, activation: str, layout: str, padded: bool) -> Tensor:  # fmt: skip
     g, u = _split_gate_up(pre1, pre3, layout)
-    h = pre1.new_empty(S, w2.shape[1])
-    _hidden_into(h, g, u, _sorted_weights(weights, sorted_to_slot, pre1.dtype), activation, pro)
+    h = _hidden(g, u, w_sorted, activation, pro)
     ys = pro.mm(h, w2)
     del h
     if padded:
         pro.zero_tail(ys)
-    return _index_add_rows(ys, _tokens(sorted_to_slot, top_k), num_tokens)
+    return _index_add_rows(ys, token, num_tokens)
 
 
 _down_op = torch.library.custom_op("blocksparse_moe::grouped_down", mutates_args=())(_down_impl)
@@ -377,10 +391,15 @@ def grouped_ffn(
             f"v1 is given exactly when layout='separate'; got layout={layout!r}, v1 {'set' if v1 is not None else 'None'}"
         )
     loops = products == "loops"
-    up, down = (_up_impl, _down_impl) if _eager_inference(x, weights, w1, w2, v1) else (_up_op, _down_op)
-    pre1, pre3 = up(x, w1, v1, plan.sorted_to_slot, plan.expert_offsets, plan.top_k, layout, padded, loops)
-    return down(pre1, pre3, weights, w2, plan.sorted_to_slot, plan.expert_offsets, plan.num_tokens, plan.top_k,
-                activation, layout, padded, loops)  # fmt: skip
+    s2s, offsets = plan.sorted_to_slot, plan.expert_offsets
+    if _eager_inference(x, weights, w1, w2, v1):  # the two op bodies in one go, sharing their set-up
+        pro, token = GroupedProducts(offsets, s2s.shape[0], loops), _tokens(s2s, plan.top_k)
+        pre1, pre3 = _up_rows(x, w1, v1, token, pro, layout, padded)
+        w_sorted = _sorted_weights(weights, s2s, pre1.dtype)
+        return _down_rows(pre1, pre3, w_sorted, w2, token, plan.num_tokens, pro, activation, layout, padded)
+    pre1, pre3 = _up_op(x, w1, v1, s2s, offsets, plan.top_k, layout, padded, loops)
+    return _down_op(pre1, pre3, weights, w2, s2s, offsets, plan.num_tokens, plan.top_k, activation, layout, padded,
+                    loops)  # fmt: skip
 
 
 def _eager_inference(*tensors: Optional[Tensor]) -> bool:

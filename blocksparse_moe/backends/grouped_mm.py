@@ -122,6 +122,9 @@ class GroupedProducts:
         # 8 rows touch 8 of 64 experts, and the loops below then do 8 iterations, not 64.
         b = self.bounds
         self.active = [(e, b[e], b[e + 1]) for e in range(len(b) - 1) if b[e + 1] > b[e]] if loops else None
+        # Their rows are consecutive: one split() gives every expert's rows as views, cheaper than
+        # a Python slice per expert (rows before offsets[0] and a padded plan's tail: the end pieces).
+        self.sizes = [b[0]] + [hi - lo for _, lo, hi in self.active] + [rows - b[-1]] if loops else None
 
     def chunks(self, width: int):
         step = max(1, _CPU_CHUNK_ELEMENTS // max(width, 1)) if self.host else max(self.rows, 1)
@@ -132,8 +135,8 @@ class GroupedProducts:
         if not self.host:
             return gmm(a, b, self.offs)
         out = a.new_empty(a.shape[0], b.shape[2]) if out is None else out
-        for e, lo, hi in self.active:
-            torch.mm(a[lo:hi], b[e], out=out[lo:hi])
+        for (e, _, _), a_e, out_e in zip(self.active, a.split(self.sizes)[1:], out.split(self.sizes)[1:]):
+            torch.mm(a_e, b[e], out=out_e)
         return out
 
     def mm_acc(self, acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
