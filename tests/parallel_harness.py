@@ -19,7 +19,8 @@ Scenarios are registered by name with ``@scenario`` in the modules listed in
 ``parallel_fault_scenarios``: mismatches, bad input, timeouts, a dead rank;
 ``parallel_mesh_scenarios``: dp x ep, DDP, FSDP2, placements, statistics;
 ``parallel_ckpt_scenarios``: resharding checkpoints; ``parallel_hf_scenarios``:
-Hugging Face models; ``parallel_bounded_scenarios``: ``max_recv_rows``). A test
+Hugging Face models; ``parallel_bounded_scenarios``: ``max_recv_rows``;
+``parallel_longrun_scenarios``: many training steps while routing shifts). A test
 passes scenario names, not functions: a worker imports those modules and looks each
 name up in ``SCENARIOS``.
 """
@@ -44,7 +45,7 @@ SCENARIOS: dict = {}
 # unpickling ``_worker_main``): it imports these so that their scenarios are registered.
 SCENARIO_MODULES = (
     "parallel_scenarios", "parallel_fault_scenarios", "parallel_mesh_scenarios", "parallel_ckpt_scenarios",
-    "parallel_hf_scenarios", "parallel_comm_scenarios", "parallel_bounded_scenarios",
+    "parallel_hf_scenarios", "parallel_comm_scenarios", "parallel_bounded_scenarios", "parallel_longrun_scenarios",
 )  # fmt: skip
 
 
