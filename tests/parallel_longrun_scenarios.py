@@ -80,3 +80,78 @@ def ep_long_run(rank, W):
         h.update(t.detach().contiguous().numpy().tobytes())
     return {"base": base, "later": later, "peaks": peaks, "reset": reset, "digest": h.hexdigest(),
             "tokens": int(tokens.sum()), "empty_steps": int((tokens == 0).sum())}  # fmt: skip
+
+
+def _replace_run(rank, W, move_at, new_owners, glu):
+    """Train an expert-parallel layer 5 steps with AdamW; before step ``move_at``, move its experts."""
+    import torch
+    import torch.distributed as dist
+
+    from blocksparse_moe import MoEConfig
+    from blocksparse_moe.parallel import ExpertParallelDMoE, gather_state_dict, sync_router_grads
+
+    torch.manual_seed(0)
+    H, E = 16, 2 * W + 1  # not a multiple of W: ranks hold different numbers of experts
+    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=24, num_experts=E, top_k=3, block_size=16, glu=glu,
+                    activation="silu", backend="grouped", init_std=0.2)  # fmt: skip
+    layer = ExpertParallelDMoE(cfg, name="moe")
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(7 + rank)
+    losses, move = [], None
+    for step in range(5):
+        if step == move_at:
+            move = layer.replace_experts(new_owners, opt)
+        T = 0 if (rank == 1 and step == 3) else 5 + 3 * rank + step  # a rank without tokens once
+        x = torch.randn(T, H, generator=g)
+        loss = (layer(x) - 1.0).square().sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_router_grads(layer)
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total))
+    full = gather_state_dict(layer)
+    return losses, full, move, layer
+
+
+@scenario
+def replace_experts_equal(rank, W):
+    """A move before step 2 (to a scrambled placement, a rank holding none) changes no loss and no weight."""
+    import torch
+
+    E = 2 * W + 1
+    owners = [(3 * e + 1) % W for e in range(E)]
+    owners = [0 if o == W - 1 else o for o in owners]  # the last rank ends up with no expert
+    out = {}
+    for glu in (False, True):
+        base, full_base, _, _ = _replace_run(rank, W, None, owners, glu)
+        moved, full_moved, move, layer = _replace_run(rank, W, 2, owners, glu)
+        assert layer.local_experts == tuple(e for e in range(E) if owners[e] == rank), layer.local_experts
+        assert layer.num_local_experts == layer.w1.shape[0]
+        for a, b in zip(base, moved):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (base, moved)
+        for key in full_base:
+            torch.testing.assert_close(full_moved[key], full_base[key], atol=1e-5, rtol=1e-5, msg=key)
+        out["glu" if glu else "mlp"] = {"losses": moved, "moved": move.experts_moved, "sent": move.experts_sent,
+                                        "received": move.experts_received, "bytes_sent": move.bytes_sent,
+                                        "bytes_received": move.bytes_received}  # fmt: skip
+    return out
+
+
+@scenario
+def replace_experts_mismatch(rank, W):
+    """Ranks passing different new placements: ConfigMismatchError on every rank, before anything moves."""
+    from blocksparse_moe import MoEConfig
+    from blocksparse_moe.parallel import ConfigMismatchError, ExpertParallelDMoE
+
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=W, top_k=1, backend="grouped")
+    layer = ExpertParallelDMoE(cfg, name="moe")
+    before = layer.w1.detach().clone()
+    owners = list(range(W))[::-1] if rank == 0 else list(range(W))
+    try:
+        layer.replace_experts(owners)
+    except ConfigMismatchError as err:
+        assert layer.w1.shape == before.shape and bool((layer.w1 == before).all())
+        return {"message": str(err)}
+    raise AssertionError("no ConfigMismatchError")

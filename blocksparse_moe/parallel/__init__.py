@@ -43,6 +43,7 @@ from .layer import (
 from .load_stats import ExpertLoadStats, collect_load_stats
 from .placement import ExpertPlacement
 from .planning import RoutingStats, placement_traffic, plan_placement, routing_stats  # noqa: F401 (issue 14)
+from .replace import ExpertMove, replace_experts
 from .sharding import EXPERT_PARAMS, expert_range, gather_state_dict, shard_state_dict
 from .units import ExpertShard, expert_shards
 
@@ -54,6 +55,7 @@ __all__ = [
     "ConfigMismatchError",
     "EXPERT_PARAMS",
     "ExpertLoadStats",
+    "ExpertMove",
     "ExpertParallelAux",
     "ExpertParallelDMoE",
     "ExpertParallelGroups",
@@ -73,6 +75,7 @@ __all__ = [
     "grad_norm",
     "load_sharded",
     "reduce_gradients",
+    "replace_experts",
     "resolve_groups",
     "save_sharded",
     "shard_state_dict",

@@ -201,15 +201,32 @@ class ExpertParallelDMoE(nn.Module):
                    # the layout shapes the hierarchical exchange's collectives; flat, only its statistics
                    "nodes": self.layout.describe() if hierarchy == "node" else None},
         )  # fmt: skip
-        self.exchange = TokenExchange(
-            self.comm, self.placement, capacity_per_peer, capacity_overflow, layout=self.layout, hierarchy=hierarchy,
-            chunks=chunks, max_recv_rows=max_recv_rows,
-        )  # fmt: skip
-        self.local_experts = self.placement.experts_of(self.comm.rank)
-        self.num_local_experts = len(self.local_experts)
-        self.load_tracker = ExpertLoadTracker(self.placement, self.comm.rank)
+        self._set_placement(self.placement)
         add_expert_parameters(self, config, self.num_local_experts)
         self.reset_parameters()
+
+    def _set_placement(self, placement: ExpertPlacement) -> None:
+        """Everything that follows from the placement: the exchange, the local experts, the load tracker."""
+        trace = self.exchange.trace if hasattr(self, "exchange") else None
+        self.placement = placement
+        self.exchange = TokenExchange(
+            self.comm, placement, self.capacity_per_peer, self.capacity_overflow, layout=self.layout,
+            hierarchy=self.hierarchy, chunks=self.chunks, max_recv_rows=self.max_recv_rows,
+        )  # fmt: skip
+        self.exchange.trace = trace
+        self.local_experts = placement.experts_of(self.comm.rank)
+        self.num_local_experts = len(self.local_experts)
+        self.load_tracker = ExpertLoadTracker(placement, self.comm.rank)
+
+    def replace_experts(self, new_placement, optimizer=None):
+        """Move the experts, their gradients and ``optimizer``'s state to ``new_placement``, between steps.
+
+        A collective on every rank of the group; see :func:`~.replace.replace_experts`. Returns
+        the :class:`~.replace.ExpertMove` (experts and bytes moved, seconds).
+        """
+        from .replace import replace_experts
+
+        return replace_experts(self, new_placement, optimizer)
 
     # ------------------------------------------------------------------ properties
     @property

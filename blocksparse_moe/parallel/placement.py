@@ -10,9 +10,10 @@ global id), :func:`~blocksparse_moe.parallel.shard_state_dict` /
 global expert id, so any placement reads any other's files) and the fixed-capacity
 mode.
 
-``ranks[e]`` is a tuple of ranks so that replicated (hot) experts and dynamic
-re-placement can be expressed later without changing the type; today every expert
-must have exactly one rank, and anything else is a ``ValueError`` naming the expert.
+``ranks[e]`` is a tuple of ranks so that replicated (hot) experts can be expressed
+later without changing the type; today every expert must have exactly one rank, and
+anything else is a ``ValueError`` naming the expert. A layer moves to another
+placement between steps with ``replace_experts`` (``parallel/replace.py``).
 
 ::
 
