@@ -161,9 +161,10 @@ def plan_routing(
     _validate_expert_ids(expert_ids, num_experts)
     num_tokens, top_k = expert_ids.shape
     validate = {None: 0, True: 1, False: 2}[validate_ids]
-    # Eager, on a plain tensor, the body runs as a function: the op (there for torch.compile; the plan
-    # has no gradient) would only add the dispatcher's ~20 us, a tenth of a decode step's expert call.
-    direct = type(expert_ids) is torch.Tensor and not torch.compiler.is_compiling()
+    # Eager, on a plain tensor with data, the body runs as a function: the op (there for torch.compile
+    # and fake/meta tensors; the plan has no gradient) would only add the dispatcher's ~20 us, a
+    # tenth of a decode step's expert call.
+    direct = type(expert_ids) is torch.Tensor and not expert_ids.is_meta and not torch.compiler.is_compiling()
     plan_fn = _plan_impl if direct else _plan_op
     sorted_to_slot, slot_to_sorted, sorted_expert, expert_offsets = plan_fn(expert_ids, num_experts, validate)
     return RoutingPlan(

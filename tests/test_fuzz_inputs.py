@@ -312,7 +312,9 @@ def run_ffn_case(case: FfnCase) -> None:
         if t is not None and t.requires_grad:
             t.retain_grad()  # the gradient of each argument as passed (a view of its storage)
     y = moe_ffn(args["x"], args["expert_ids"], args["weights"], args["w1"], args["w2"], args.get("v1"), **kwargs)
-    oracle = {n: s.detach().double().requires_grad_(s.is_floating_point()) for n, s in ours.items()}
+    # The oracle gets what the call got: an argument the case set to None (v1: the MLP) is None there too.
+    oracle = {n: s.detach().double().requires_grad_(s.is_floating_point()) for n, s in ours.items()
+              if args.get(n) is not None}  # fmt: skip
     o = {n: views[n](s) for n, s in oracle.items()}
     for t in o.values():
         if t.requires_grad:

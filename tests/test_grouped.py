@@ -218,3 +218,17 @@ def test_eager_inference_runs_the_op_bodies_with_the_same_bits(layout, monkeypat
     assert calls == [True] and torch.equal(direct, through_ops)
     w2.requires_grad_()
     assert not real_eager(x, w, *args) and real_eager(x, w, *args[:1])
+
+
+def test_eager_inference_keeps_the_ops_for_meta_tensors():
+    """Meta tensors have no data for the op bodies: under no_grad they still go through the ops' fake kernels."""
+    from blocksparse_moe.backends import grouped as grouped_module
+
+    T, E, k, H, F = 6, 3, 2, 8, 12
+    ids = make_expert_ids(T, E, k, "uniform", seed=5).to("meta")
+    x, w = torch.randn(T, H, device="meta"), torch.rand(T, k, device="meta")
+    w1, w2 = torch.randn(E, H, F, device="meta"), torch.randn(E, F, H, device="meta")
+    assert not grouped_module._eager_inference(x, w, w1, w2)
+    with torch.no_grad():
+        y = moe_ffn(x, ids, w, w1, w2, backend="grouped")
+    assert y.device.type == "meta" and y.shape == (T, H)

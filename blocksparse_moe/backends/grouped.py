@@ -407,12 +407,13 @@ def _eager_inference(*tensors: Optional[Tensor]) -> bool:
 
     The custom ops exist for autograd and for ``torch.compile`` (opaque nodes). In eager
     inference neither applies, and the dispatcher's wrapping costs ~20 us per op, a tenth
-    of a one-token decode step's expert call; fake or wrapped tensors keep the ops.
+    of a one-token decode step's expert call; fake, meta or wrapped tensors keep the ops
+    (their fake implementations give the shapes without the data the bodies read).
     """
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) is not torch.Tensor or t.is_meta or (grad and t.requires_grad)):
             return False
     return True
