@@ -105,6 +105,7 @@ def run_case(c: dict) -> dict[str, float]:
     if c["layer"] == "dmoe":
         cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=k, glu=c["glu"], dtype=dtype,
                         activation=c["activation"], block_size=c["bs"], backend=backend)  # fmt: skip
+        torch.manual_seed(c["seed"])  # the layer's initialisation from the case alone: a failure reproduces
         layer = dMoE(cfg)
         y, aux = layer(x, return_aux=True)
         ids, w = aux.expert_ids, aux.expert_weights
@@ -136,7 +137,12 @@ def run_case(c: dict) -> dict[str, float]:
     out = {"output": error_ratio(y, ref, **tol, scale=terms["output"])}
     for n, t in leaves.items():
         got = t.grad if t.grad is not None else torch.zeros_like(t)
-        scale = _weights_grad_terms(c, ids, ref_leaves, dy) if n == "weights" else terms.get(n)
+        if n == "weights":
+            scale = float(_weights_grad_terms(c, ids, ref_leaves, dy).max()) if ids.numel() else 0.0
+        elif n == "router.weight":
+            scale = _router_grad_terms(c, ids, w, ref_leaves, dy)
+        else:
+            scale = terms.get(n)
         out[f"grad_{n}"] = error_ratio(got, ref_leaves[n].grad if ref_leaves[n].grad is not None
                                        else torch.zeros_like(ref_leaves[n]), **tol, scale=scale)  # fmt: skip
     return out
@@ -167,16 +173,27 @@ def _term_sizes(c, ids, w, leaves, dy) -> dict[str, float]:
     return out
 
 
-def _weights_grad_terms(c, ids, d, dy) -> float:
-    """``max_{t,j} sum_h |dy[t, h] * FFN_{ids[t, j]}(x[t])[h]|``: the routing-weight gradient is a dot that can cancel."""
+def _weights_grad_terms(c, ids, d, dy) -> torch.Tensor:
+    """``[T, k]``: ``sum_h |dy[t, h] * FFN_{ids[t, j]}(x[t])[h]|``, the terms of the routing-weight gradient (a dot
+    that can cancel)."""
     T, k = ids.shape
     if T == 0:
-        return 0.0
+        return torch.zeros(T, k, dtype=torch.float64)
     with torch.no_grad():
-        nd = {n: t.detach() for n, t in d.items() if n != "weights"}
+        nd = {n: t.detach() for n, t in d.items() if n not in ("weights", "router.weight")}
         x = nd["x"].repeat_interleave(k, 0)
         rows = _reference(c, ids.reshape(-1, 1), None, dict(nd, x=x, weights=torch.ones(T * k, 1, dtype=x.dtype)), None)
-        return float((dy.double().repeat_interleave(k, 0).abs() * rows.abs()).sum(1).max())
+        return (dy.double().repeat_interleave(k, 0).abs() * rows.abs()).sum(1).reshape(T, k)
+
+
+def _router_grad_terms(c, ids, w, d, dy) -> float:
+    """The router weight's gradient, ``x^T @ (p * (g - <p, g>))`` with ``g`` the routing-weight gradient: each
+    ``g[t, j]`` errs by ``u`` times its terms, and the softmax Jacobian's entries are at most ``2 p``, so the
+    gradient is held to ``2 * max_h sum_t |x[t, h]| sum_j terms[t, j] * p[t, j]``."""
+    if ids.numel() == 0:
+        return 0.0
+    per_token = (_weights_grad_terms(c, ids, d, dy) * w.detach().double().abs()).sum(1)  # [T]
+    return 2.0 * float((d["x"].detach().abs().T @ per_token).max())
 
 
 def _reference(c, ids, w, d, layer):
