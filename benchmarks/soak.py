@@ -174,16 +174,22 @@ def _term_sizes(c, ids, w, leaves, dy) -> dict[str, float]:
 
 
 def _weights_grad_terms(c, ids, d, dy) -> torch.Tensor:
-    """``[T, k]``: ``sum_h |dy[t, h] * FFN_{ids[t, j]}(x[t])[h]|``, the terms of the routing-weight gradient (a dot
-    that can cancel)."""
+    """``[T, k]``: the terms of the routing-weight gradient ``<dy[t], FFN_{ids[t, j]}(x[t])>``, a dot that can cancel.
+
+    Its terms are those of the whole chain (``dy``, then both products), as ``_term_sizes``
+    counts them: the FFN on absolute values with a slope-1 activation, times
+    ``act_slope^2``. A backend may form the dot after the down product (``<dy, ys>``) or
+    before it (``<dy @ w2^T, act(g) * u>``, the grouped backend); both err within these terms.
+    """
     T, k = ids.shape
     if T == 0:
         return torch.zeros(T, k, dtype=torch.float64)
     with torch.no_grad():
-        nd = {n: t.detach() for n, t in d.items() if n not in ("weights", "router.weight")}
+        nd = {n: t.detach().abs() for n, t in d.items() if n not in ("weights", "router.weight")}
         x = nd["x"].repeat_interleave(k, 0)
-        rows = _reference(c, ids.reshape(-1, 1), None, dict(nd, x=x, weights=torch.ones(T * k, 1, dtype=x.dtype)), None)
-        return (dy.double().repeat_interleave(k, 0).abs() * rows.abs()).sum(1).reshape(T, k)
+        rows = _reference(dict(c, activation="relu"), ids.reshape(-1, 1), None,
+                          dict(nd, x=x, weights=torch.ones(T * k, 1, dtype=x.dtype)), None)  # fmt: skip
+        return _ACT_SLOPE**2 * (dy.double().repeat_interleave(k, 0).abs() * rows).sum(1).reshape(T, k)
 
 
 def _router_grad_terms(c, ids, w, d, dy) -> float:
