@@ -27,7 +27,7 @@ STEPS, WARMUP, MOVE_EVERY, MAX_TOKENS = 120, 30, 20, 192
 def ep_long_run(rank, W):
     import numpy as np
     import torch
-    from test_memory_flat import _peak_kib, _reset_peak, census
+    from test_memory_flat import measure_phases
 
     from blocksparse_moe import MoEConfig
     from blocksparse_moe.parallel import ExpertParallelDMoE, sync_router_grads
@@ -60,26 +60,11 @@ def ep_long_run(rank, W):
         opt.step()
         losses[i] = loss.item()
 
-    reset = _reset_peak()
-    for i in range(WARMUP):
-        step(i)
-    base = census()
-    if reset:
-        _reset_peak()
-    later, peaks = [], []
-    mid = WARMUP + (STEPS - WARMUP) // 2
-    for lo, hi in ((WARMUP, mid), (mid, STEPS)):
-        for i in range(lo, hi):
-            step(i)
-        peaks.append(_peak_kib())
-        later.append(census())
-        if reset:
-            _reset_peak()
+    res = measure_phases(step, STEPS, WARMUP)
     h = hashlib.sha256(losses.tobytes())
     for t in list(layer.state_dict().values()) + [s for st in opt.state.values() for s in st.values()]:
         h.update(t.detach().contiguous().numpy().tobytes())
-    return {"base": base, "later": later, "peaks": peaks, "reset": reset, "digest": h.hexdigest(),
-            "tokens": int(tokens.sum()), "empty_steps": int((tokens == 0).sum())}  # fmt: skip
+    return dict(res, digest=h.hexdigest(), tokens=int(tokens.sum()), empty_steps=int((tokens == 0).sum()))
 
 
 def _replace_run(rank, W, move_at, new_owners, glu):

@@ -131,15 +131,21 @@ def train_and_measure(backend: str) -> dict:
         opt.step()
         hot_load[i] = int(aux.tokens_per_expert[hot]) / (2 * T)
 
+    return dict(measure_phases(step, STEPS, WARMUP), hot_load=float(hot_load[WARMUP:].mean()))
+
+
+def measure_phases(step, steps: int, warmup: int) -> dict:
+    """Run ``step(i)`` for ``i < steps``: the census after ``warmup`` steps and after each half that follows,
+    and each half's peak resident memory (``VmHWM`` reset between phases where the kernel allows)."""
     reset = _reset_peak()
-    for i in range(WARMUP):
+    for i in range(warmup):
         step(i)
     base = census()
     if reset:
         _reset_peak()
     later, peaks = [], []
-    mid = WARMUP + (STEPS - WARMUP) // 2
-    for lo, hi in ((WARMUP, mid), (mid, STEPS)):
+    mid = warmup + (steps - warmup) // 2
+    for lo, hi in ((warmup, mid), (mid, steps)):
         for i in range(lo, hi):
             step(i)
         # the peak is read before the census: gc.get_objects() itself costs memory
@@ -147,8 +153,7 @@ def train_and_measure(backend: str) -> dict:
         later.append(census())
         if reset:
             _reset_peak()
-    return dict(base=base, later=later, peaks=peaks, reset=reset, lifetime_peak=_peak_kib(),
-                hot_load=float(hot_load[WARMUP:].mean()))  # fmt: skip
+    return dict(base=base, later=later, peaks=peaks, reset=reset, lifetime_peak=_peak_kib())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
