@@ -218,6 +218,8 @@ def test_eager_inference_runs_the_op_bodies_with_the_same_bits(layout, monkeypat
     assert calls == [True] and torch.equal(direct, through_ops)
     w2.requires_grad_()
     assert not real_eager(x, w, *args) and real_eager(x, w, *args[:1])
+    with torch.no_grad():  # a layer's weights are Parameters: still plain tensors for this purpose
+        assert real_eager(x, w, torch.nn.Parameter(w13), torch.nn.Parameter(w2))
 
 
 def test_eager_inference_keeps_the_ops_for_meta_tensors():

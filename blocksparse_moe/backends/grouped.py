@@ -402,6 +402,9 @@ def grouped_ffn(
                     loops)  # fmt: skip
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a layer's own weights are Parameters; subclasses (fake, DTensor) are not
+
+
 def _eager_inference(*tensors: Optional[Tensor]) -> bool:
     """Whether the op bodies can run as plain functions: eager, plain tensors, nothing to differentiate.
 
@@ -414,6 +417,6 @@ def _eager_inference(*tensors: Optional[Tensor]) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or t.is_meta or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN or t.is_meta or (grad and t.requires_grad)):
             return False
     return True
