@@ -64,9 +64,14 @@ def _oracle(ids, leaves, layout, F):
 @pytest.mark.parametrize("products", PRODUCTS)
 @pytest.mark.parametrize("layout", ["concat", "interleave"])
 @pytest.mark.parametrize("H", [24, 37], ids=["aligned", "misaligned"])
-def test_fused_gate_up_and_transposed_weights(products, layout, H):
-    """A fused [E, 2F, H] gate/up and a [E, H, F] down, read through transposed views, in place."""
-    T, E, k, F = 29, 7, 3, 20
+@pytest.mark.parametrize("T", [29, 2, 1], ids=["batch", "two-tokens", "decode"])
+def test_fused_gate_up_and_transposed_weights(products, layout, H, T):
+    """A fused [E, 2F, H] gate/up and a [E, H, F] down, read through transposed views, in place.
+
+    One and two tokens: every expert has at most two rows, where the CPU loops take these
+    weights' products as row dots (``_DOT_MAX_ROWS``) rather than ``torch.mm``.
+    """
+    E, k, F = 7, 3, 20
     ids, leaves = _leaves(T, E, k, H, F)
     ours = {n: t.clone().requires_grad_() for n, t in leaves.items()}
     plan = plan_routing(ids, E)
