@@ -15,7 +15,8 @@ and every gradient are held to the suite's tolerances (``blocksparse_moe.testing
 every quantity to the size of its terms (the oracle on absolute values: a sum errs by
 ``u * sum|terms|``, which ``max|expected|`` understates when the terms cancel).
 
-``--fuzz`` also runs the fuzzed bad-input tests (``tests/test_fuzz_inputs.py``) at ten
+``--fuzz`` also runs the fuzzed bad-input tests (``tests/test_fuzz_inputs.py``,
+``tests/test_fuzz_layers.py``) at ten
 times their CI examples (over 10^3 cases). The results file holds the cases per
 backend and dtype, the worst error ratio (error over bound; a mismatch is > 1) per
 quantity, the minutes, versions and git SHA.
@@ -258,10 +259,11 @@ def run_layer_soak(n: int, minutes: float, seed_value: int) -> dict:
 def run_fuzz() -> dict:
     env = dict(os.environ, HYPOTHESIS_PROFILE="long", TRITON_INTERPRET="1")
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fuzz_inputs.py"],
+    files = ["tests/test_fuzz_inputs.py", "tests/test_fuzz_layers.py"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True)  # fmt: skip
     tail = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
-    return dict(command="HYPOTHESIS_PROFILE=long pytest tests/test_fuzz_inputs.py", returncode=out.returncode,
+    return dict(command="HYPOTHESIS_PROFILE=long pytest " + " ".join(files), returncode=out.returncode,
                 summary=tail, minutes=(time.monotonic() - t0) / 60)  # fmt: skip
 
 
