@@ -15,6 +15,13 @@ usual (weighted by ``w = s[token, e]``), and the rows are summed back per token 
 one ``index_add``. A token no expert chose gets zeros (the residual around the
 layer passes it through); they are counted on the device, never read.
 
+Under expert parallelism (``ExpertParallelDMoE``) each rank's experts choose among
+that rank's tokens (``C`` from the rank's own ``T``), the per-group capacity of
+Switch/GShard: the ``E * C`` chosen rows travel to the experts' ranks as rows of
+one expert each and are summed back per token on the token's rank. It equals a
+single process applying expert choice to each rank's batch separately; a global
+choice over every rank's tokens would need every rank's scores on every rank.
+
 Causality: an expert's pick depends on every token of the batch, including later
 positions of the same sequence, so a causal language model trained this way sees
 the future through the routing, and a decode step (one token) cannot reproduce it.
@@ -27,9 +34,17 @@ from typing import Callable
 import torch
 
 from .functional import routed_ffn
+from .router import router_z_loss
 from .routing import RoutingPlan
 
-__all__ = ["expert_choice_route", "expert_choice_plan", "expert_choice_ffn"]
+__all__ = [
+    "expert_choice_aux_fields",
+    "expert_choice_combine",
+    "expert_choice_ffn",
+    "expert_choice_plan",
+    "expert_choice_route",
+    "expert_choice_select",
+]
 
 
 def expert_choice_route(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +61,56 @@ def expert_choice_route(scores: torch.Tensor, capacity: int) -> tuple[torch.Tens
     tokens = select.t().topk(capacity, dim=1).indices  # [E, C]
     weights = scores.t().gather(1, tokens)
     return tokens, weights
+
+
+def expert_choice_select(router, x: torch.Tensor, training: bool):
+    """``(logits [T, E], tokens [E, C], weights [E, C])``: the router's expert-choice decision for ``x [T, H]``.
+
+    ``C = min(config.capacity(T), T)``; jitter (training only) and ``router_scale``
+    as token choice applies them. Shared by ``dMoE`` and the expert-parallel layer.
+    """
+    cfg = router.config
+    if training and cfg.router_jitter > 0:
+        eps = cfg.router_jitter
+        logits, scores = router.scores(x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps))
+    else:
+        logits, scores = router.scores(x)
+    tokens, weights = expert_choice_route(scores, min(cfg.capacity(x.shape[0]), x.shape[0]))
+    if cfg.router_scale != 1.0:
+        weights = weights * cfg.router_scale
+    return logits, tokens, weights
+
+
+def expert_choice_combine(rows: torch.Tensor, tokens: torch.Tensor, num_tokens: int):
+    """``(out [T, H], unrouted)``: the weighted rows ``[E * C, H]`` summed per token, and the tokens no expert chose.
+
+    ``unrouted`` is an int64 scalar tensor (counted on the device, never read); those
+    tokens' rows of ``out`` are zero. Half inputs are summed in float32, as the
+    token-choice combine does.
+    """
+    T, H = num_tokens, rows.shape[-1]
+    flat = tokens.reshape(-1)
+    acc_dtype = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype
+    out = torch.zeros(T, H, dtype=acc_dtype, device=rows.device).index_add(0, flat, rows.to(acc_dtype))
+    chosen = torch.zeros(T, dtype=torch.bool, device=rows.device).index_fill(0, flat, True)
+    return out.to(rows.dtype), T - chosen.sum()
+
+
+def expert_choice_aux_fields(config, logits, tokens, weights, unrouted) -> dict:
+    """The :class:`~blocksparse_moe.layers.MoEAux` fields of an expert-choice forward (this batch's)."""
+    E, C = tokens.shape
+    dev = logits.device
+    return dict(
+        # Every expert's load is C by construction: nothing to balance.
+        load_balancing_loss=logits.sum() * 0.0,
+        z_loss=config.z_loss_weight * router_z_loss(logits),
+        tokens_per_expert=torch.full((E,), C, dtype=torch.int32, device=dev),
+        dropped_tokens=torch.zeros((), dtype=torch.int64, device=dev),
+        expert_ids=torch.arange(E, device=dev)[:, None].expand(E, C),
+        expert_weights=weights,
+        unrouted_tokens=unrouted,
+        chosen_tokens=tokens,
+    )
 
 
 def expert_choice_plan(num_experts: int, capacity: int, device) -> RoutingPlan:
@@ -81,13 +146,9 @@ def expert_choice_ffn(
     ``out`` are zero). ``routed_kwargs`` go to :func:`routed_ffn` (backend, block size,
     recompute).
     """
-    T, H = x.shape
+    T = x.shape[0]
     E, C = tokens.shape
     flat = tokens.reshape(-1)
     plan = expert_choice_plan(E, C, x.device)
     rows = routed_ffn(x[flat], plan, weights.reshape(-1, 1), w1, w2, v1, activation, **routed_kwargs)
-    # Half inputs are summed in float32, as the token-choice combine does.
-    acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    out = torch.zeros(T, H, dtype=acc_dtype, device=x.device).index_add(0, flat, rows.to(acc_dtype))
-    chosen = torch.zeros(T, dtype=torch.bool, device=x.device).index_fill(0, flat, True)
-    return out.to(x.dtype), T - chosen.sum()
+    return expert_choice_combine(rows, tokens, T)

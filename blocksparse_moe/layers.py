@@ -27,10 +27,10 @@ from torch import nn
 
 from .backends.block import _ActThenDown  # noqa: F401 - kept importable from here (it lived here)
 from .config import MoEConfig
-from .expert_choice import expert_choice_ffn, expert_choice_route
+from .expert_choice import expert_choice_aux_fields, expert_choice_ffn, expert_choice_select
 from .functional import routed_ffn
 from .reference import get_activation
-from .router import Router, RouterOutput, router_z_loss
+from .router import Router, RouterOutput
 from .routing import RoutingPlan, plan_routing
 from .shared_expert import add_shared_experts, shared_output
 
@@ -74,21 +74,13 @@ class MoEAux:
         return self.load_balancing_loss + self.z_loss
 
 
-def add_expert_parameters(module: nn.Module, config: MoEConfig, num_experts: int, *, single_device: bool = False) -> None:
+def add_expert_parameters(module: nn.Module, config: MoEConfig, num_experts: int) -> None:
     """Give ``module`` a router and ``num_experts`` experts' ``w1``, ``w2`` (and ``v1``), uninitialised.
 
     Shared by :class:`dMoE`, :class:`MoE` and the expert-parallel layer (which holds
-    ``E / world_size`` experts), so that their parameter names and shapes match and a
-    state dict moves between them. Shared experts and expert choice are computed by
-    the single-device layers only (``single_device=True``); any other caller gets a
-    ``ValueError`` here rather than a layer that silently leaves them out.
+    its placement's share of the experts), so that their parameter names and shapes
+    match and a state dict moves between them.
     """
-    if not single_device and (config.num_shared_experts or config.routing != "token_choice"):
-        raise ValueError(
-            f"{type(module).__name__}: num_shared_experts={config.num_shared_experts}, "
-            f"routing={config.routing!r} are supported by dMoE / MoE on one device only; expected "
-            "num_shared_experts=0 and routing='token_choice' here"
-        )
     H, ffn = config.hidden_size, config.ffn_hidden_size
     factory = dict(dtype=config.dtype, device=config.device)
     module.router = Router(config)
@@ -113,7 +105,7 @@ class _MoEBase(nn.Module):
                 f"{type(self).__name__} routes by token choice only; MoEConfig.routing='expert_choice' needs dMoE"
             )
         self.config = config
-        add_expert_parameters(self, config, config.num_experts, single_device=True)
+        add_expert_parameters(self, config, config.num_experts)
         add_shared_experts(self, config)
         self.reset_parameters()
 
@@ -214,33 +206,12 @@ class dMoE(_MoEBase):  # noqa: N801 - the name MegaBlocks gave it
 
     def _expert_choice(self, x):
         cfg = self.config
-        if self.training and cfg.router_jitter > 0:
-            eps = cfg.router_jitter
-            logits, scores = self.router.scores(x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps))
-        else:
-            logits, scores = self.router.scores(x)
-        C = min(cfg.capacity(x.shape[0]), x.shape[0])
-        tokens, weights = expert_choice_route(scores, C)
-        if cfg.router_scale != 1.0:
-            weights = weights * cfg.router_scale
+        logits, tokens, weights = expert_choice_select(self.router, x, self.training)
         out, unrouted = expert_choice_ffn(
             x, tokens, weights, self.w1, self.w2, self.v1, cfg.activation,
             backend=cfg.backend, block_size=cfg.block_size, recompute=cfg.recompute_activation,
         )  # fmt: skip
-        E = cfg.num_experts
-        zero = torch.zeros((), dtype=torch.int64, device=x.device)
-        aux = MoEAux(
-            # Every expert's load is C by construction: nothing to balance.
-            load_balancing_loss=logits.sum() * 0.0,
-            z_loss=cfg.z_loss_weight * router_z_loss(logits),
-            tokens_per_expert=torch.full((E,), C, dtype=torch.int32, device=x.device),
-            dropped_tokens=zero,
-            expert_ids=torch.arange(E, device=x.device)[:, None].expand(E, C),
-            expert_weights=weights,
-            unrouted_tokens=unrouted,
-            chosen_tokens=tokens,
-        )
-        return out, aux
+        return out, MoEAux(**expert_choice_aux_fields(cfg, logits, tokens, weights, unrouted))
 
     def _experts(self, x, route, plan):
         cfg = self.config

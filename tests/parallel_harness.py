@@ -46,6 +46,7 @@ SCENARIOS: dict = {}
 SCENARIO_MODULES = (
     "parallel_scenarios", "parallel_fault_scenarios", "parallel_mesh_scenarios", "parallel_ckpt_scenarios",
     "parallel_hf_scenarios", "parallel_comm_scenarios", "parallel_bounded_scenarios", "parallel_longrun_scenarios",
+    "parallel_routing_scenarios", "parallel_replica_scenarios",
 )  # fmt: skip
 
 

@@ -277,11 +277,9 @@ def test_layer_input_messages():
     layer = dMoE(cfg)
     with pytest.raises(TypeError, match=r"x must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
         layer(torch.zeros(2, 8).to_sparse())
-    add_expert_parameters(nn.Module(), cfg, 2)  # token choice, no shared experts: fine off one device
-    ec = MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2, routing="expert_choice")
-    with pytest.raises(ValueError, match=r"^Linear: num_shared_experts=0, routing='expert_choice' are supported by "
-                       r"dMoE / MoE on one device only; expected num_shared_experts=0 and routing='token_choice' here$"):
-        add_expert_parameters(nn.Linear(1, 1), ec, 2)
+    m = nn.Module()
+    add_expert_parameters(m, cfg, 2)  # the expert-parallel layer's share: 2 of the 4 experts
+    assert m.w1.shape == (2, 8, 16) and m.w2.shape == (2, 16, 8) and m.router.weight.shape == (4, 8)
     f64 = dMoE(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2, dtype=torch.bfloat16))
     assert f64.w1.dtype == f64.w2.dtype == torch.bfloat16  # the config's dtype reaches the parameters
 

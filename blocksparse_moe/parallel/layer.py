@@ -36,9 +36,11 @@ from torch import nn
 
 from .. import ops
 from ..config import MoEConfig
+from ..expert_choice import expert_choice_aux_fields, expert_choice_combine, expert_choice_select
 from ..functional import routed_ffn
 from ..layers import add_expert_parameters
 from ..routing import RoutingPlan, plan_routing
+from ..shared_expert import add_shared_experts, shared_output
 from .bounded import check_max_recv_rows
 from .checks import check_same_config
 from .collectives import Communicator
@@ -196,13 +198,14 @@ class ExpertParallelDMoE(nn.Module):
         check_same_config(
             self.comm, config,
             extra={"capacity_per_peer": capacity_per_peer, "capacity_overflow": capacity_overflow,
-                   "placement": self.placement.owners, "dp_size": self.groups.dp_size, "hierarchy": hierarchy,
+                   "placement": self.placement.fingerprint, "dp_size": self.groups.dp_size, "hierarchy": hierarchy,
                    "chunks": chunks, "max_recv_rows": max_recv_rows,
                    # the layout shapes the hierarchical exchange's collectives; flat, only its statistics
                    "nodes": self.layout.describe() if hierarchy == "node" else None},
         )  # fmt: skip
         self._set_placement(self.placement)
         add_expert_parameters(self, config, self.num_local_experts)
+        add_shared_experts(self, config)  # dense, replicated like the router: each rank runs its own tokens
         self.reset_parameters()
 
     def _set_placement(self, placement: ExpertPlacement) -> None:
@@ -227,6 +230,16 @@ class ExpertParallelDMoE(nn.Module):
         from .replace import replace_experts
 
         return replace_experts(self, new_placement, optimizer)
+
+    def sync_replica_grads(self) -> int:
+        """Sum each replicated expert's gradient over the ranks holding it, after backward (a collective over ``ep``).
+
+        Nothing to do (and no collective) without replicas. :func:`~.grads.reduce_gradients`
+        calls it itself; see :mod:`.replicas`. Returns the bytes all-reduced on this rank.
+        """
+        from .replicas import sync_replica_grads
+
+        return sync_replica_grads(self.expert_shard())
 
     # ------------------------------------------------------------------ properties
     @property
@@ -300,6 +313,10 @@ class ExpertParallelDMoE(nn.Module):
             if p is not None:
                 nn.init.normal_(p, std=std)
         self.router.reset_parameters()
+        if self.shared_expert is not None:
+            self.shared_expert.reset_parameters()
+        if self.shared_expert_gate is not None:
+            nn.init.normal_(self.shared_expert_gate.weight, std=std)
         if self.sync_router_init:
             self.broadcast_router()
             if self._dp is not None:
@@ -310,10 +327,17 @@ class ExpertParallelDMoE(nn.Module):
 
     @torch.no_grad()
     def broadcast_router(self, src: int = 0) -> None:
-        """Copy the router (weight and selection bias) from rank ``src`` of ``dp x ep`` to every rank."""
+        """Copy the replicated parameters (router weight and selection bias, shared experts) from rank ``src`` of ``dp x ep``."""
         self._replicated.broadcast_(self.router.weight.data, "router broadcast", src)
         if self.router.selection_bias is not None:
             self._replicated.broadcast_(self.router.selection_bias, "router broadcast", src)
+        for p in self._shared_params():
+            self._replicated.broadcast_(p.data, "shared-expert broadcast", src)
+
+    def _shared_params(self) -> list:
+        """The shared experts' parameters (replicated on every rank, like the router), in a fixed order."""
+        mods = (self.shared_expert, self.shared_expert_gate)
+        return [p for m in mods if m is not None for _, p in sorted(m.named_parameters())]
 
     @classmethod
     def from_dmoe(cls, layer, group=None, **kwargs) -> "ExpertParallelDMoE":
@@ -330,7 +354,7 @@ class ExpertParallelDMoE(nn.Module):
         return ep
 
     def sync_router_grad(self, op: str = "sum") -> None:
-        """All-reduce the replicated router's gradient over the expert-parallel group (a collective).
+        """All-reduce the replicated router's (and shared experts') gradient over the expert-parallel group (a collective).
 
         After backward, rank ``r``'s router gradient holds only the contribution of
         its own tokens. ``"sum"`` makes every rank's gradient that of the sum of the
@@ -342,12 +366,12 @@ class ExpertParallelDMoE(nn.Module):
         """
         if op not in ("sum", "mean"):
             raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
-        p = self.router.weight
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        self.comm.all_reduce_(grad, "router gradient all-reduce")
-        if op == "mean":
-            grad.div_(self.world_size)
-        p.grad = grad
+        for p in [self.router.weight, *self._shared_params()]:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            self.comm.all_reduce_(grad, "router gradient all-reduce")
+            if op == "mean":
+                grad.div_(self.world_size)
+            p.grad = grad
 
     def update_selection_bias(self, tokens_per_expert: torch.Tensor, rate: float | None = None, reduce: bool = True):
         """The router's bias step on the job's load: ``tokens_per_expert`` is summed over ``dp x ep`` first.
@@ -389,8 +413,15 @@ class ExpertParallelDMoE(nn.Module):
             x2 = x.reshape(-1, cfg.hidden_size)
             # gather/combine around the exchange; the local experts resolve their own backend
             backend = ops.resolve_backend(cfg.backend, x2.device, x2.dtype, cfg.num_experts, cfg.ffn_hidden_size)
-            route = self.router(x2)
-            plan = self.exchange.plan(route.expert_ids)
+            if cfg.routing == "expert_choice":
+                # Each expert's C picks among this rank's tokens become rows of one expert
+                # each (k = 1), so the exchange is the token-choice one unchanged.
+                logits, chosen, ec_weights = expert_choice_select(self.router, x2, self.training)
+                rows, row_ids, row_weights = x2[chosen.reshape(-1)], _choice_ids(chosen), ec_weights.reshape(-1, 1)
+            else:
+                route = self.router(x2)
+                rows, row_ids, row_weights = x2, route.expert_ids, route.weights
+            plan = self.exchange.plan(row_ids)
         except Exception:
             self.exchange.announce_failure(self.w1.device)
             raise
@@ -398,14 +429,24 @@ class ExpertParallelDMoE(nn.Module):
         # backward on every rank, even one whose x and weights need no gradient.
         anchor = x2.new_zeros(0).requires_grad_() if torch.is_grad_enabled() else None
         params = tuple(getattr(self, n) for n in EXPERT_PARAMS)
-        res = self.exchange.run(x2, plan, route.weights, self._experts_on_received, backend, anchor, params)
+        res = self.exchange.run(rows, plan, row_weights, self._experts_on_received, backend, anchor, params)
         self.load_tracker.record(
             res.tokens_per_expert, res.tokens_per_local_expert, res.rows_sent, res.rows_received, res.dropped,
             res.stats,
         )  # fmt: skip
-        out = res.out.reshape(x.shape)
+        out = res.out
+        if cfg.routing == "expert_choice":
+            out, unrouted = expert_choice_combine(out, chosen, x2.shape[0])
+        shared = shared_output(self, x2)
+        if shared is not None:
+            out = out + shared
+        out = out.reshape(x.shape)
         if not return_aux:
             return out
+        traffic = dict(tokens_per_local_expert=res.tokens_per_local_expert, all_to_all=res.stats)
+        if cfg.routing == "expert_choice":
+            fields = expert_choice_aux_fields(cfg, logits, chosen, ec_weights, unrouted)
+            return out, ExpertParallelAux(**fields, **traffic)
         lb, z = self.router.losses(route, res.tokens_per_expert)
         aux = ExpertParallelAux(
             load_balancing_loss=lb,
@@ -414,8 +455,8 @@ class ExpertParallelDMoE(nn.Module):
             dropped_tokens=res.dropped,
             expert_ids=route.expert_ids,
             expert_weights=route.weights,
-            tokens_per_local_expert=res.tokens_per_local_expert,
-            all_to_all=res.stats,
+            unrouted_tokens=torch.zeros((), dtype=torch.int64, device=x.device),
+            **traffic,
         )
         return out, aux
 
@@ -436,6 +477,12 @@ class ExpertParallelDMoE(nn.Module):
             x_recv, plan, None, self.w1, self.w2, self.v1, cfg.activation, backend=cfg.backend,
             block_size=cfg.block_size, recompute=cfg.recompute_activation, padded=padded,
         )  # fmt: skip
+
+
+def _choice_ids(chosen: torch.Tensor) -> torch.Tensor:
+    """``[E * C, 1]``: the expert of each expert-choice row (row ``e * C + c`` is expert ``e``'s)."""
+    E, C = chosen.shape
+    return torch.arange(E, device=chosen.device).repeat_interleave(C).view(-1, 1)
 
 
 def sync_router_grads(model: nn.Module, op: str = "sum") -> None:
