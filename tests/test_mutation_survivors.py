@@ -64,8 +64,8 @@ def test_placement_bounds_and_messages():
         ExpertPlacement(((0,), [0]), 2)
     with pytest.raises(ValueError, match=r"ranks\[0\] must be a non-empty tuple .* got \(\)"):
         ExpertPlacement(((),), 2)
-    with pytest.raises(ValueError, match=r"\(replicated experts are not supported yet\)$"):
-        ExpertPlacement(((0, 1),), 2)
+    with pytest.raises(ValueError, match=r"\(a rank holds an expert at most once\)$"):
+        ExpertPlacement(((1, 1),), 2)
     with pytest.raises(ValueError, match=r"rank must be an int in \[0, world_size=2\), got 2"):
         ExpertPlacement(((0,), (1,)), 2).experts_of(2)
     with pytest.raises(ValueError, match=r"rank must be an int"):

@@ -36,7 +36,7 @@ def test_any_permutation_and_a_rank_without_experts():
         (lambda: ExpertPlacement.from_rank_experts([[0, 1], [1, 2]]), "expert 1 is listed for rank 0 and rank 1"),
         (lambda: ExpertPlacement.from_rank_experts([[0], [5]], num_experts=4), r"expert 5, outside \[0, num_experts=4\)"),
         (lambda: ExpertPlacement.from_owners([0, 4, 1], 4), r"ranks\[1\] = \(4,\): ranks must be ints in \[0, world_size=4\)"),
-        (lambda: ExpertPlacement(((0,), (0, 1)), 2), r"expert 1 must be held by exactly one rank"),
+        (lambda: ExpertPlacement(((0,), (1, 1)), 2), r"a rank is listed twice for expert 1"),
         (lambda: ExpertPlacement((), 2), "must be a non-empty tuple"),
         (lambda: ExpertPlacement.contiguous(4, 0), "world_size must be a positive int, got 0"),
         (lambda: as_placement([0, 1, 1], 4, 2, what="placement of layer 'm'"), r"placement of layer 'm'=\[0, 1, 1\] has 3 entries"),

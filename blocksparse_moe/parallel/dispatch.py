@@ -36,6 +36,7 @@ from .collectives import CollectiveError, Communicator, PeerFailedError, all_to_
 from .hierarchical import HierarchicalPlan
 from .nodes import HIERARCHIES, NodeLayout
 from .placement import ExpertPlacement
+from .replicas import ReplicaRule
 from .stats import AllToAllStats, CapacityOverflowError
 from .trace import timed
 
@@ -86,6 +87,7 @@ class _Tables:
     count_pos: torch.Tensor  # [E] placement order -> payload slot
     extra_pos: torch.Tensor  # [W] rank -> payload slot of its extra word
     matrix_pos: torch.Tensor  # [W * M] payload slots of the traffic-matrix row (M = W when bounded, else 0)
+    slot_expert: torch.Tensor  # [S] slot (placement-order index) -> global expert
 
 
 class TokenExchange:
@@ -111,10 +113,18 @@ class TokenExchange:
         max_recv_rows: Optional[int] = None,
     ):
         self.comm = comm
+        self.rank, self.world_size = comm.rank, comm.world_size
+        # Replicated experts: the exchange runs on the slots (one per (expert, holder), a
+        # single-replica contiguous placement), and plan() maps each row to a slot first.
+        self.experts = placement
+        self.replica_rule = None
+        if placement.replicated:
+            node_of = None if layout is None else layout.node_of
+            self.replica_rule = ReplicaRule(placement, node_of, ranks=(self.rank,))
+            placement = placement.slot_placement
         self.placement = placement
         self.capacity_per_peer = capacity_per_peer
         self.capacity_overflow = capacity_overflow
-        self.rank, self.world_size = comm.rank, comm.world_size
         self.num_local = placement.counts[self.rank]
         # A chunk is a group of each rank's local experts: more chunks than the most experts a
         # rank holds would only add empty transfers (every rank computes the same cap).
@@ -146,13 +156,25 @@ class TokenExchange:
                 count_pos=as_t([v + owner[v] * per for v in range(pl.num_experts)]),
                 extra_pos=as_t([offs[p + 1] + p * per for p in range(W)]),
                 matrix_pos=as_t([offs[p + 1] + p * per + 1 + q for p in range(W) for q in range(M)]),
+                slot_expert=as_t(self.experts.slot_expert),
             )  # fmt: skip
             self._tables_by_device[device] = t
         return t
 
     # ------------------------------------------------------------------ before the first collective
     def plan(self, expert_ids: torch.Tensor) -> RoutingPlan:
-        """The routing plan over *placement order* (identical to the global plan for a contiguous placement)."""
+        """The routing plan over *placement order* (identical to the global plan for a contiguous placement).
+
+        With replicas, over the slots: each row goes to the replica :mod:`.replicas`' rule picks.
+        """
+        if self.replica_rule is not None:
+            E = self.experts.num_experts
+            _validate_expert_ids(expert_ids, E)
+            _check_id_range(expert_ids, E, None)
+            T = expert_ids.shape[0]
+            token_index = self.rank * T + torch.arange(T, dtype=torch.int64, device=expert_ids.device)
+            slots = self.replica_rule.slots(expert_ids, token_index)
+            return plan_routing(slots, self.placement.num_experts, validate_ids=False)  # slots: contiguous
         E = self.placement.num_experts
         if self.placement.is_contiguous:
             return plan_routing(expert_ids, E)
@@ -162,14 +184,17 @@ class TokenExchange:
         return plan_routing(order_ids, E, validate_ids=False)
 
     def global_counts(self, plan: RoutingPlan) -> torch.Tensor:
-        """``plan.tokens_per_expert`` back in global expert order."""
+        """``plan.tokens_per_expert`` back in global expert order (the replicas of an expert summed)."""
+        if self.replica_rule is not None:
+            slot_expert = self.tables(plan.device).slot_expert
+            counts = plan.tokens_per_expert
+            return counts.new_zeros(self.experts.num_experts).index_add_(0, slot_expert, counts)
         if self.placement.is_contiguous:
             return plan.tokens_per_expert
         return plan.tokens_per_expert[self.tables(plan.device).position]
 
     def announce_failure(self, device: torch.device) -> None:
         """Join the count exchange with -1 everywhere, so the peers raise PeerFailedError instead of waiting."""
-        W, El = self.world_size, self.num_local
         send = torch.full((sum(self.payload_splits),), -1, dtype=torch.int64, device=device)
         recv = torch.empty(sum(self.recv_splits), dtype=torch.int64, device=device)
         what = "count exchange (announcing a failure)"

@@ -7,7 +7,11 @@ After backward on rank ``(d, p)`` of a ``dp x ep`` mesh (``D * P = N`` ranks):
   ``D`` replicas of the same shard hold the rest: the gradient is **summed over
   ``dp`` only** (summing over ``ep`` would add up different experts);
 * a replicated parameter's gradient (the router, embeddings, attention, ...) holds
-  only this rank's tokens: it is **summed over ``dp x ep``**.
+  only this rank's tokens: it is **summed over ``dp x ep``**;
+* a replicated *expert* (a placement holding it on several ``ep`` ranks) holds on
+  each holder only the rows routed to that replica: it is first **summed over its
+  ``ep`` holders** (:func:`~.replicas.sync_replica_grads`, one all-reduce over ``ep``
+  per layer), then over ``dp`` like any expert.
 
 ``op="mean"`` (default) then divides both by ``N``: each rank's loss is the mean
 over its own tokens, and the result is exactly what DDP over all ``N`` ranks of a
@@ -30,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .collectives import Communicator
+from .replicas import primary_rows, sync_replica_grads
 from .units import expert_shards, unwrap
 
 __all__ = ["clip_grad_norm_", "expert_parameter_names", "expert_parameters", "grad_norm", "reduce_gradients"]
@@ -110,6 +115,8 @@ def reduce_gradients(model: nn.Module, op: str = "mean", *, replicated: bool = T
     for s in shards:
         grads = [_grad_or_zeros(p) for _, p in s.params() if p.requires_grad]
         expert_ids.update(id(p) for _, p in s.params())
+        # Replicas first: the sum over the ep holders within this dp replica, then over dp.
+        sync_replica_grads(s)
         dp = None if s.groups.dp is None else Communicator(s.groups.dp, s.name)
         _all_reduce_flat(dp, grads, "expert gradient all-reduce over dp", scale)
     if not replicated:
@@ -155,7 +162,11 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for s in shards:  # one reduction per layer, over its ep group
         dev = next((p.device for _, p in s.params()), torch.device("cpu"))
-        part = _local_norm_power([p.grad for _, p in s.params() if p.grad is not None], norm_type, dev)
+        grads = [p.grad for _, p in s.params() if p.grad is not None]
+        if s.placement.replicated:  # a replicated expert counts once: on its lowest holder
+            keep = primary_rows(s.placement, s.rank)
+            grads = [g[torch.tensor(keep, dtype=torch.long, device=g.device)] for g in grads]
+        part = _local_norm_power(grads, norm_type, dev)
         s.comm.all_reduce_(part, "gradient norm over ep", op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
         # host read, after backward (clipping), not in forward/backward: one per layer, summed in float64 on the host
         total = torch.maximum(total, part.cpu()) if inf else total + part.cpu()

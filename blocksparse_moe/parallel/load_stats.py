@@ -90,7 +90,9 @@ class ExpertLoadStats:
         balancedness: ``mean(rows_per_rank) / max(rows_per_rank)``: 1.0 when every rank
             computes the same number of rows, ``1 / W`` when one rank computes all of
             them; a rank holding no expert counts as a rank with no load; 1.0 when no
-            row was routed at all.
+            row was routed at all. With replicated experts, the rows each rank's
+            replicas received (the column sums of ``traffic``; ``rows_sent`` with
+            ``reduce=False``).
         rows_sent: ``[W]`` rows this rank dispatched to each rank (its own entry stays local).
         rows_received: ``[W]`` rows this rank's experts received from each rank.
         bytes_sent / bytes_received: bytes this rank sent to / received from *other*
@@ -163,7 +165,10 @@ def _layer_stats(shard, reduce: bool) -> ExpertLoadStats:
         traffic = [r[:W] for r in rows]
         bytes_s, bytes_r, peaks = [r[W] for r in rows], [r[W + 1] for r in rows], [r[W + 2] for r in rows]
     tpe_l = tpe.tolist()
-    loads = [sum(tpe_l[e] for e in placement.experts_of(r)) for r in range(W)]
+    if placement.replicated:  # an expert's rows are split among its replicas: count what each rank received
+        loads = [sum(row[p] for row in traffic) for p in range(W)] if traffic is not None else sent.tolist()
+    else:
+        loads = [sum(tpe_l[e] for e in placement.experts_of(r)) for r in range(W)]
     return ExpertLoadStats(
         name=shard.name, forwards=tr.forwards, rank=shard.rank, world_size=W, tokens_per_expert=tpe_l,
         rows_per_rank=loads, balancedness=_balancedness(loads), rows_sent=sent.tolist(),

@@ -10,10 +10,15 @@ global id), :func:`~blocksparse_moe.parallel.shard_state_dict` /
 global expert id, so any placement reads any other's files) and the fixed-capacity
 mode.
 
-``ranks[e]`` is a tuple of ranks so that replicated (hot) experts can be expressed
-later without changing the type; today every expert must have exactly one rank, and
-anything else is a ``ValueError`` naming the expert. A layer moves to another
-placement between steps with ``replace_experts`` (``parallel/replace.py``).
+``ranks[e]`` is the tuple of ranks holding expert ``e``: one rank, or several for a
+replicated (hot) expert. A placement with replicas expands into *slots*, one per
+(expert, holding rank), each on exactly one rank (:attr:`slot_expert`,
+:attr:`slot_rank`); :attr:`slot_placement` is the single-replica placement over the
+slots that the token exchange runs unchanged (a rank's slots are its local experts,
+ascending global id, so the slot placement is contiguous). Which replica a token's
+row goes to is decided on the device by :mod:`.replicas`. A rank holds an expert at
+most once. A layer moves to another placement between steps with
+``replace_experts`` (``parallel/replace.py``).
 
 ::
 
@@ -21,6 +26,8 @@ placement between steps with ``replace_experts`` (``parallel/replace.py``).
     ExpertPlacement.contiguous(6, 4)                     # 0,1 | 2,3 | 4 | 5    (E need not divide W)
     ExpertPlacement.from_owners([3, 0, 0, 2, 2, 3], 4)   # expert e -> rank owners[e]; rank 1 holds none
     ExpertPlacement.from_rank_experts([[1, 2], [], [3, 4], [0, 5]])
+    ExpertPlacement.from_rank_experts([[0, 1], [0, 2]], replicas=True)   # expert 0 on ranks 0 and 1
+    ExpertPlacement.from_ranks([[0, 1], [0], [1]], 2)                     # the same, listed per expert
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ class ExpertPlacement:
     """Expert id -> the ranks (of the expert-parallel group) that hold it.
 
     Attributes:
-        ranks: ``ranks[e]`` is a tuple of the group ranks holding expert ``e``; each
-            must currently be exactly one rank (replicas are reserved for later).
+        ranks: ``ranks[e]`` is a tuple of the group ranks holding expert ``e``: at
+            least one, each at most once (stored ascending); more than one is a
+            replicated expert.
         world_size: the expert-parallel group size ``W``; a rank may hold no expert.
 
     Derived (computed once): :attr:`owners`, :meth:`experts_of`, :attr:`counts`,
@@ -66,16 +74,23 @@ class ExpertPlacement:
                 raise ValueError(
                     f"ExpertPlacement.ranks[{e}] must be a non-empty tuple of ranks holding expert {e}, got {holders!r}"
                 )
+            if len(holders) > W:
+                raise ValueError(
+                    f"ExpertPlacement.ranks[{e}] = {holders!r}: {len(holders)} replicas of expert {e}, more than "
+                    f"world_size={W}; expected at most one replica per rank"
+                )
             for r in holders:
                 if not _is_int(r) or not 0 <= r < W:
                     raise ValueError(
                         f"ExpertPlacement.ranks[{e}] = {holders!r}: ranks must be ints in [0, world_size={W})"
                     )
-            if len(holders) != 1:
+            if len(set(holders)) != len(holders):
                 raise ValueError(
-                    f"ExpertPlacement.ranks[{e}] = {holders!r}: expert {e} must be held by exactly one rank "
-                    "(replicated experts are not supported yet)"
+                    f"ExpertPlacement.ranks[{e}] = {holders!r}: a rank is listed twice for expert {e}; expected "
+                    "distinct ranks (a rank holds an expert at most once)"
                 )
+        # Holders ascending: equal placements compare (and hash) equal whatever order they were listed in.
+        object.__setattr__(self, "ranks", tuple(tuple(sorted(h)) for h in self.ranks))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -101,11 +116,26 @@ class ExpertPlacement:
         return cls(tuple((r,) for r in owners), world_size)
 
     @classmethod
-    def from_rank_experts(cls, experts_per_rank: Sequence[Sequence[int]], num_experts: int | None = None):
-        """``experts_per_rank[r]`` = the experts rank ``r`` holds; every expert exactly once.
+    def from_ranks(cls, ranks_per_expert: Sequence[Sequence[int]], world_size: int) -> "ExpertPlacement":
+        """``ranks_per_expert[e]`` = the ranks holding expert ``e`` (several: a replicated expert)."""
+        try:
+            ranks = tuple(tuple(h) for h in ranks_per_expert)
+        except TypeError:
+            raise TypeError(
+                f"ranks_per_expert must be a sequence of rank sequences (one per expert), got {ranks_per_expert!r}"
+            ) from None
+        return cls(ranks, world_size)
 
-        ``num_experts`` defaults to one more than the largest id listed; a missing or
-        repeated expert is a ``ValueError`` naming it.
+    @classmethod
+    def from_rank_experts(
+        cls, experts_per_rank: Sequence[Sequence[int]], num_experts: int | None = None, *, replicas: bool = False
+    ):
+        """``experts_per_rank[r]`` = the experts rank ``r`` holds; every expert at least once.
+
+        ``num_experts`` defaults to one more than the largest id listed; a missing
+        expert is a ``ValueError`` naming it. An expert listed on several ranks is a
+        ``ValueError`` too unless ``replicas=True`` (then it is replicated there); one
+        listed twice on the same rank always is.
         """
         lists = [tuple(x) for x in experts_per_rank]
         listed = [e for xs in lists for e in xs]
@@ -115,24 +145,29 @@ class ExpertPlacement:
         E = num_experts if num_experts is not None else (max(listed) + 1 if listed else 0)
         if not _is_int(E) or E < 1:
             raise ValueError(f"num_experts must be a positive int, got {E!r}")
-        owner: dict[int, int] = {}
+        holders: dict[int, list] = {}
         for r, xs in enumerate(lists):
             for e in xs:
                 if e >= E:
                     raise ValueError(f"experts_per_rank[{r}] lists expert {e}, outside [0, num_experts={E})")
-                if e in owner:
+                if e in holders and r in holders[e]:
                     raise ValueError(
-                        f"expert {e} is listed for rank {owner[e]} and rank {r}: each expert must be placed "
-                        "exactly once"
+                        f"experts_per_rank[{r}] = {list(xs)!r} lists expert {e} twice: a rank holds an expert at "
+                        "most once"
                     )
-                owner[e] = r
-        missing = [e for e in range(E) if e not in owner]
+                if e in holders and not replicas:
+                    raise ValueError(
+                        f"expert {e} is listed for rank {holders[e][0]} and rank {r}: each expert must be placed "
+                        "exactly once (pass replicas=True to replicate it)"
+                    )
+                holders.setdefault(e, []).append(r)
+        missing = [e for e in range(E) if e not in holders]
         if missing:
             raise ValueError(
                 f"experts_per_rank={lists!r} places no rank for expert(s) {missing}: every expert in "
-                f"[0, {E}) must be placed exactly once"
+                f"[0, {E}) must be placed {'at least' if replicas else 'exactly'} once"
             )
-        return cls(tuple((owner[e],) for e in range(E)), len(lists))
+        return cls(tuple(tuple(holders[e]) for e in range(E)), len(lists))
 
     # ------------------------------------------------------------------ derived
     @property
@@ -140,15 +175,40 @@ class ExpertPlacement:
         return len(self.ranks)
 
     @cached_property
+    def replicated(self) -> bool:
+        """Whether some expert is held by more than one rank."""
+        return any(len(h) > 1 for h in self.ranks)
+
+    def _single(self, what: str) -> None:
+        if self.replicated:
+            hot = [e for e, h in enumerate(self.ranks) if len(h) > 1]
+            raise ValueError(
+                f"ExpertPlacement.{what} needs one rank per expert; this placement replicates expert(s) {hot} "
+                f"({self.describe()}); use ranks[e] (every holder) or the slot tables (slot_expert, slot_rank)"
+            )
+
+    @cached_property
     def owners(self) -> tuple:
-        """``owners[e]``: the rank holding expert ``e``."""
+        """``owners[e]``: the rank holding expert ``e`` (a ``ValueError`` for a replicated placement)."""
+        self._single("owners")
         return tuple(h[0] for h in self.ranks)
+
+    @cached_property
+    def primary(self) -> tuple:
+        """``primary[e]``: the lowest rank holding expert ``e`` (writes its checkpoint entry, counts it in norms)."""
+        return tuple(h[0] for h in self.ranks)
+
+    @property
+    def fingerprint(self) -> tuple:
+        """What the ranks compare: the owners (as before replicas existed), else every expert's holders."""
+        return self.ranks if self.replicated else self.owners
 
     @cached_property
     def _by_rank(self) -> tuple:
         out = [[] for _ in range(self.world_size)]
-        for e, r in enumerate(self.owners):
-            out[r].append(e)
+        for e, holders in enumerate(self.ranks):
+            for r in holders:
+                out[r].append(e)
         return tuple(tuple(x) for x in out)
 
     def experts_of(self, rank: int) -> tuple:
@@ -164,12 +224,16 @@ class ExpertPlacement:
 
     @cached_property
     def order(self) -> tuple:
-        """Every expert in placement order: rank 0's experts, then rank 1's, ... (the send order)."""
+        """Every expert in placement order: rank 0's experts, then rank 1's, ... (the send order).
+
+        With replicas an expert appears once per holder: ``order`` is then :attr:`slot_expert`.
+        """
         return tuple(e for xs in self._by_rank for e in xs)
 
     @cached_property
     def position(self) -> tuple:
-        """``position[e]``: expert ``e``'s index in :attr:`order`."""
+        """``position[e]``: expert ``e``'s index in :attr:`order` (a ``ValueError`` for a replicated placement)."""
+        self._single("position")
         pos = [0] * self.num_experts
         for i, e in enumerate(self.order):
             pos[e] = i
@@ -182,6 +246,40 @@ class ExpertPlacement:
         for c in self.counts:
             out.append(out[-1] + c)
         return tuple(out)
+
+    # ------------------------------------------------------------------ slots (replicas)
+    @property
+    def num_slots(self) -> int:
+        """One slot per (expert, holding rank): ``num_experts`` without replicas."""
+        return len(self.order)
+
+    @property
+    def slot_expert(self) -> tuple:
+        """``slot_expert[s]``: the global expert of slot ``s``; slots are numbered rank-major (placement order)."""
+        return self.order
+
+    @cached_property
+    def slot_rank(self) -> tuple:
+        """``slot_rank[s]``: the rank holding slot ``s`` (non-decreasing)."""
+        return tuple(r for r in range(self.world_size) for _ in range(self.counts[r]))
+
+    @cached_property
+    def slots_of_expert(self) -> tuple:
+        """``slots_of_expert[e]``: expert ``e``'s slots, one per holder, in rank order."""
+        out = [[] for _ in range(self.num_experts)]
+        for s, e in enumerate(self.order):
+            out[e].append(s)
+        return tuple(tuple(x) for x in out)
+
+    def slots_of(self, rank: int) -> range:
+        """Rank ``rank``'s slots: its local expert ``i`` is slot ``rank_offsets[rank] + i``."""
+        self.experts_of(rank)  # the range check
+        return range(self.rank_offsets[rank], self.rank_offsets[rank + 1])
+
+    @cached_property
+    def slot_placement(self) -> "ExpertPlacement":
+        """The single-replica, contiguous placement of the :attr:`num_slots` slots (what the exchange runs on)."""
+        return ExpertPlacement(tuple((r,) for r in self.slot_rank), self.world_size)
 
     @property
     def is_contiguous(self) -> bool:
@@ -215,7 +313,7 @@ def as_placement(placement, num_experts: int, world_size: int, what: str = "plac
     if placement.num_experts != num_experts:
         raise ValueError(
             f"{what} places {placement.num_experts} experts ({placement.describe()}); expected "
-            f"num_experts={num_experts}: every expert must be placed exactly once"
+            f"num_experts={num_experts}: every expert must be placed at least once"
         )
     if placement.world_size != world_size:
         raise ValueError(

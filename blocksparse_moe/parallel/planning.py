@@ -26,9 +26,16 @@ swap that lowers the largest bin load, or raises the affinity without breaking t
 limit (a few passes at most). It is a heuristic: it balances like
 longest-processing-time first and co-locates greedily, no optimality is claimed.
 
-One replica per expert (what :class:`ExpertPlacement` holds today): an expert whose
-load alone is above the limit stays alone and caps the balance; replicating hot
-experts is what lifts that cap, and is not done here.
+**Replicas** (``replicas=N``): ``N`` extra expert copies, handed out one at a time
+to the expert with the largest load per copy (ties by id), so the hottest experts
+get them, at most one per rank. Each copy is an item of the same greedy carrying
+``load / copies`` of its expert's load and ``co-selection / copies`` of its affinity
+(the replica rule of :mod:`.replicas` splits an expert's rows evenly among its
+replicas in expectation); two copies of one expert never share a rank, nor a node
+when there are several nodes (so a token finds a copy on its own node more often).
+``experts_per_rank`` then counts slots (copies): default ``ceil((E + N) / W)``.
+Without replicas an expert whose load alone is above the limit stays alone and caps
+the balance; replicating it is what lifts that cap.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy as np
 import torch
 
 from .placement import ExpertPlacement
+from .replicas import ReplicaRule
 
 __all__ = ["RoutingStats", "routing_stats", "plan_placement", "placement_traffic"]
 
@@ -121,23 +129,36 @@ def _as_arrays(stats) -> tuple[np.ndarray, np.ndarray]:
     return load, co
 
 
-def _greedy(items, load, co, num_bins, room, limit):
-    """Assign ``items`` (already in placement order) to bins; returns the bin of each item."""
+def _greedy(items, load, co, num_bins, room, limit, expert=None, per_bin=None):
+    """Assign ``items`` (already in placement order) to bins; returns the bin of each item.
+
+    ``expert[item]``: the expert an item is a copy of, ``per_bin[e]`` the most copies of
+    expert ``e`` one bin may take (``None``: no copies).
+    """
     bin_load = np.zeros(num_bins)
     bin_free = np.full(num_bins, room, dtype=np.int64)
     aff = np.zeros((len(items), num_bins))  # affinity of item i with each bin's current members
     where = np.full(len(items), -1, dtype=np.int64)
     sub = co[np.ix_(items, items)]
     loads = load[np.asarray(items)]
+    taken: dict = {}  # expert -> copies of it in each bin
     for i in range(len(items)):
-        l = loads[i]
+        li = loads[i]
         open_ = bin_free > 0
+        if expert is not None:
+            ex = int(expert[items[i]])
+            open_ &= taken.setdefault(ex, np.zeros(num_bins, dtype=np.int64)) < per_bin[ex]
+            if not open_.any():
+                raise RuntimeError(
+                    f"plan_placement: no bin with room left for a copy of expert {ex} that does not hold one "
+                    "already; raise experts_per_rank or lower replicas"
+                )
         # Every slot left must still be filled: a bin with f free slots will also take
         # at least the f - 1 lightest items still to come, so count them now, or the
         # last (light) items land on bins that the heavy ones already filled to the limit.
         tail = np.concatenate([[0.0], np.cumsum(np.sort(loads[i + 1 :]))])
         reserve = tail[np.clip(bin_free - 1, 0, len(tail) - 1)]
-        final = bin_load + l + reserve
+        final = bin_load + li + reserve
         fits = open_ & (final <= limit)
         if fits.any():
             # most affinity, then least load, then lowest index (argmax takes the first)
@@ -146,33 +167,46 @@ def _greedy(items, load, co, num_bins, room, limit):
         else:
             b = int(np.argmin(np.where(open_, final, np.inf)))
         where[i] = b
-        bin_load[b] += l
+        bin_load[b] += li
         bin_free[b] -= 1
         aff[:, b] += sub[:, i]
+        if expert is not None:
+            taken[ex][b] += 1
     return where
 
 
-def _swap_pass(items, load, co, where, num_bins, limit, passes=3):
-    """Pairwise swaps between bins: keep one if it lowers the max of the two loads, or adds affinity within the limit."""
+def _swap_pass(items, load, co, where, num_bins, limit, passes=3, expert=None, per_bin=None):
+    """Pairwise swaps between bins: keep one if it lowers the max of the two loads, or adds affinity within the limit.
+
+    With ``expert`` (copies), a swap that would put more than ``per_bin[e]`` copies of expert ``e`` in a bin is
+    never made.
+    """
     items = np.asarray(items)
     n = len(items)
     sub = co[np.ix_(items, items)]
-    l = load[items]
+    ld = load[items]
+    ex = None if expert is None else expert[items]
     for _ in range(passes):
         changed = False
         onehot = np.zeros((n, num_bins))
         onehot[np.arange(n), where] = 1.0
         aff = sub @ onehot  # [n, bins]
-        bin_load = onehot.T @ l
+        bin_load = onehot.T @ ld
+        holds = None
+        if ex is not None:  # copies of each expert per bin
+            holds = np.zeros((len(per_bin), num_bins), dtype=np.int64)
+            np.add.at(holds, (ex, where), 1)
         for i in range(n):
             a = where[i]
             bj = where  # bin of every candidate partner j
             la, lb = bin_load[a], bin_load[bj]
-            na, nb = la - l[i] + l, lb - l + l[i]  # loads after swapping i with each j
+            na, nb = la - ld[i] + ld, lb - ld + ld[i]  # loads after swapping i with each j
             old_max, new_max = np.maximum(la, lb), np.maximum(na, nb)
             # affinity change of the swap (i: a -> bj, j: bj -> a), without the pair itself
             gain = (aff[i, bj] - sub[i]) - aff[i, a] + (aff[np.arange(n), a] - sub[:, i]) - aff[np.arange(n), bj]
             ok = bj != a
+            if holds is not None:  # i's expert must have room in j's bin, and j's in i's
+                ok = ok & (ex != ex[i]) & (holds[ex[i], bj] < per_bin[ex[i]]) & (holds[ex, a] < per_bin[ex])
             better_balance = ok & (new_max < old_max - 1e-9) & (old_max > limit)
             better_aff = ok & (gain > 1e-9) & (new_max <= np.maximum(limit, old_max))
             cand = better_balance | better_aff
@@ -185,10 +219,27 @@ def _swap_pass(items, load, co, where, num_bins, limit, passes=3):
             bin_load[a], bin_load[b] = na[j], nb[j]
             aff[:, a] += sub[:, j] - sub[:, i]
             aff[:, b] += sub[:, i] - sub[:, j]
+            if holds is not None:
+                holds[ex[i], a] -= 1
+                holds[ex[i], b] += 1
+                holds[ex[j], b] -= 1
+                holds[ex[j], a] += 1
             changed = True
         if not changed:
             break
     return where
+
+
+def _copies(load: np.ndarray, replicas: int, W: int) -> np.ndarray:
+    """Copies per expert: one each, then ``replicas`` more, each to the largest load per copy (ties by id)."""
+    E = load.shape[0]
+    n = np.ones(E, dtype=np.int64)
+    for _ in range(replicas):
+        per = np.where(n < W, load / n, -np.inf)
+        if not np.isfinite(per).any():
+            raise ValueError(f"replicas={replicas}: every expert already has a copy on each of the {W} ranks")
+        n[int(np.argmax(per))] += 1  # argmax takes the lowest id among ties
+    return n
 
 
 def plan_placement(
@@ -199,6 +250,7 @@ def plan_placement(
     experts_per_rank: int | None = None,
     slack: float = 0.05,
     swap_passes: int = 3,
+    replicas: int = 0,
 ) -> ExpertPlacement:
     """A placement of ``E`` experts over ``world_size`` ranks that balances load and co-locates co-selected experts.
 
@@ -208,15 +260,17 @@ def plan_placement(
         world_size: ``W``, the expert-parallel group size.
         ranks_per_node: ``R``; ranks ``n*R .. (n+1)*R - 1`` form node ``n`` (the
             layout of consecutive ``ep`` ranks). ``None``: one node of ``W`` ranks.
-        experts_per_rank: most experts on one rank (its memory); default
-            ``ceil(E / W)``, so every rank holds ``E / W`` when ``W`` divides ``E``.
+        experts_per_rank: most expert copies (slots) on one rank (its memory); default
+            ``ceil((E + replicas) / W)``, so every rank holds ``E / W`` when ``W``
+            divides ``E`` and there are no replicas.
         slack: allowed bin load above the mean, as a fraction, before affinity must
             give way to balance.
         swap_passes: refinement passes per level (0: the greedy alone).
+        replicas: extra copies of the hottest experts (see the module docstring);
+            0 (default): one replica per expert.
 
     Returns:
-        An :class:`ExpertPlacement` (one replica per expert), the same for the same
-        inputs on every machine.
+        An :class:`ExpertPlacement`, the same for the same inputs on every machine.
     """
     load, co = _as_arrays(stats)
     E = load.shape[0]
@@ -226,24 +280,35 @@ def plan_placement(
     R = W if ranks_per_node is None else ranks_per_node
     if not _is_int(R) or R < 1 or W % R:
         raise ValueError(f"ranks_per_node must be a positive int dividing world_size={W}, got {ranks_per_node!r}")
-    cap = math.ceil(E / W) if experts_per_rank is None else experts_per_rank
-    if not _is_int(cap) or cap < 1 or cap * W < E:
-        raise ValueError(
-            f"experts_per_rank must be an int with experts_per_rank * world_size >= num_experts={E}, got {cap!r}"
-        )
+    if not _is_int(replicas) or replicas < 0:
+        raise ValueError(f"replicas must be an int >= 0 (extra expert copies), got {replicas!r}")
+    S = E + replicas
+    cap = math.ceil(S / W) if experts_per_rank is None else experts_per_rank
+    if not _is_int(cap) or cap < 1 or cap * W < S:
+        need = f"num_experts={E}" if not replicas else f"num_experts + replicas={S} (it counts every copy)"
+        raise ValueError(f"experts_per_rank must be an int with experts_per_rank * world_size >= {need}, got {cap!r}")
     if not isinstance(slack, (int, float)) or isinstance(slack, bool) or not 0 <= slack < math.inf:
         raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
     if not _is_int(swap_passes) or swap_passes < 0:
         raise ValueError(f"swap_passes must be an int >= 0, got {swap_passes!r}")
     N = W // R
-    total = float(load.sum())
-    order = np.lexsort((np.arange(E), -load))  # decreasing load, ties by id
-    # Level 1: nodes.
+    copies = _copies(load, replicas, W)
+    expert = np.repeat(np.arange(E), copies)  # item -> its expert; the copies of an expert are adjacent
+    share = 1.0 / copies[expert]
+    load_x = load[expert] * share  # each copy takes an even share of the rows (the replica rule)
+    co_x = co[np.ix_(expert, expert)] * share[:, None] * share[None, :] * copies[expert][:, None]
+    co_x[expert[:, None] == expert[None, :]] = 0.0  # copies of one expert never share a token
+    ex = expert if replicas else None
+    one = np.ones(E, dtype=np.int64)  # a rank holds an expert at most once
+    spread = -(-copies // N)  # a node: ceil(copies / N), so the copies spread over the nodes first
+    total = float(load_x.sum())
+    order = np.lexsort((np.arange(len(expert)), -load_x))  # decreasing load, ties by item (expert, then copy)
+    # Level 1: nodes (the copies of one expert on as many nodes as they can).
     node_limit = (1 + slack) * total / N
-    node = _greedy(order, load, co, N, R * cap, node_limit)
+    node = _greedy(order, load_x, co_x, N, R * cap, node_limit, ex, spread)
     if swap_passes:
-        node = _swap_pass(order, load, co, node, N, node_limit, swap_passes)
-    owners = np.empty(E, dtype=np.int64)
+        node = _swap_pass(order, load_x, co_x, node, N, node_limit, swap_passes, ex, spread)
+    where = np.empty(len(expert), dtype=np.int64)
     # Level 2: the ranks of each node, against the global mean rank load.
     rank_limit = (1 + slack) * total / W
     for n in range(N):
@@ -251,12 +316,15 @@ def plan_placement(
         if len(items) == 0:
             continue
         # A node above the mean (a hot expert) cannot meet the global limit; its own mean then.
-        limit = max(rank_limit, (1 + slack) * load[items].sum() / R)
-        local = _greedy(items, load, co, R, cap, limit)
+        limit = max(rank_limit, (1 + slack) * load_x[items].sum() / R)
+        local = _greedy(items, load_x, co_x, R, cap, limit, ex, one)
         if swap_passes:
-            local = _swap_pass(items, load, co, local, R, limit, swap_passes)
-        owners[items] = n * R + local
-    return ExpertPlacement.from_owners([int(r) for r in owners], W)
+            local = _swap_pass(items, load_x, co_x, local, R, limit, swap_passes, ex, one)
+        where[items] = n * R + local
+    holders = [[] for _ in range(E)]
+    for item, e in enumerate(expert):
+        holders[e].append(int(where[item]))
+    return ExpertPlacement.from_ranks(holders, W)
 
 
 @torch.no_grad()
@@ -273,20 +341,30 @@ def placement_traffic(
     (token, node) destinations other than home: what a dispatch sending each token
     once per destination sends, the quantity co-location and node-limited routing
     reduce), and the ``rows`` in all.
+
+    A replicated placement sends each row to the replica the layer's rule picks
+    (:mod:`.replicas`: own rank, then own node when ``ranks_per_node`` is given, then
+    ``(token index + j) mod replicas``, the token index counted over all ``T`` tokens).
     """
     W = placement.world_size
     R = W if ranks_per_node is None else ranks_per_node
     if not _is_int(R) or R < 1 or W % R:
         raise ValueError(f"ranks_per_node must be a positive int dividing world_size={W}, got {ranks_per_node!r}")
     T, k = expert_ids.shape
-    owners = torch.tensor(placement.owners, dtype=torch.long, device=expert_ids.device)
-    dest = owners[expert_ids.long()]  # [T, k] rank of each row
-    home = (torch.arange(T, device=expert_ids.device) * W // max(T, 1)) if token_ranks is None else token_ranks.long()
-    rows_per_rank = torch.zeros(W, dtype=torch.int64).scatter_add_(0, dest.reshape(-1).cpu(), torch.ones(T * k, dtype=torch.int64))
+    dev = expert_ids.device
+    home = (torch.arange(T, device=dev) * W // max(T, 1)) if token_ranks is None else token_ranks.long()
+    if placement.replicated:
+        node_of = None if ranks_per_node is None else tuple(r // R for r in range(W))
+        slots = ReplicaRule(placement, node_of).slots(expert_ids, torch.arange(T, device=dev), home)
+        dest = torch.tensor(placement.slot_rank, dtype=torch.long, device=dev)[slots]
+    else:
+        dest = torch.tensor(placement.owners, dtype=torch.long, device=dev)[expert_ids.long()]  # [T, k]
+    ones = torch.ones(T * k, dtype=torch.int64)
+    rows_per_rank = torch.zeros(W, dtype=torch.int64).scatter_add_(0, dest.reshape(-1).cpu(), ones)
     cross_rows = int((dest != home[:, None]).sum())
 
     def copies(bins, home_bin, nb):
-        hit = torch.zeros(T, nb, dtype=torch.bool, device=expert_ids.device)
+        hit = torch.zeros(T, nb, dtype=torch.bool, device=dev)
         hit.scatter_(1, bins, True)
         hit[torch.arange(T), home_bin] = False
         return int(hit.sum())

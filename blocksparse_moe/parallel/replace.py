@@ -11,7 +11,8 @@ runs between steps on every rank of the layer's expert-parallel group:
    shaped like its parameter (AdamW's ``exp_avg``/``exp_avg_sq``; scalar state such
    as ``step`` is the same on every rank and stays). A rank sends the experts it held
    that another rank holds now, in ascending global id per destination, and receives
-   the experts it holds now from their old owners;
+   the experts it holds now from their old owners. With replicated experts, each new
+   holder that did not hold the expert receives a copy from its lowest old holder;
 3. each expert parameter is replaced by a new ``nn.Parameter`` of its new shape (autograd
    caches a leaf's shape, so resizing ``p.data`` in place would break the next backward);
    ``optimizer``'s parameter groups and state are re-keyed to it. References to the old
@@ -45,8 +46,8 @@ class ExpertMove:
     """What one :func:`replace_experts` moved, seen from this rank.
 
     Attributes:
-        experts_moved: experts (of the whole layer) whose rank changed.
-        experts_sent / experts_received: experts this rank sent to / received from other ranks.
+        experts_moved: experts (of the whole layer) whose rank (set of holding ranks) changed.
+        experts_sent / experts_received: expert copies this rank sent to / received from other ranks.
         bytes_sent / bytes_received: bytes to / from other ranks: parameters, gradients and
             optimizer state together.
         seconds: wall time of the move on this rank (the collectives included).
@@ -60,13 +61,31 @@ class ExpertMove:
     seconds: float
 
 
+def _source(old: ExpertPlacement, e: int, dest: int) -> int:
+    """Who gives expert ``e`` to its new holder ``dest``: ``dest`` itself if it held ``e``, else its lowest old holder.
+
+    With one replica per expert this is the old owner; with replicas every new holder gets a
+    copy (identical replicas, so any holder would do; the lowest makes it deterministic).
+    """
+    holders = old.ranks[e]
+    return dest if dest in holders else holders[0]
+
+
+def _routes(old: ExpertPlacement, new: ExpertPlacement, rank: int) -> tuple:
+    """``(send[p], recv[s])``: the experts this rank sends to each rank, and receives from each, ascending ids."""
+    W = old.world_size
+    held, holds = old.experts_of(rank), new.experts_of(rank)
+    send = [[e for e in held if p in new.ranks[e] and _source(old, e, p) == rank] for p in range(W)]
+    recv = [[e for e in holds if _source(old, e, rank) == s] for s in range(W)]
+    return send, recv
+
+
 def _move_rows(comm, local: torch.Tensor, old: ExpertPlacement, new: ExpertPlacement, what: str) -> torch.Tensor:
     """``local [E_old_local, ...]`` (rows = this rank's experts under ``old``) -> rows of ``new``'s, in global id order."""
-    rank, W = comm.rank, comm.world_size
+    rank = comm.rank
     held, holds = old.experts_of(rank), new.experts_of(rank)
     row = {e: i for i, e in enumerate(held)}
-    send = [[e for e in held if new.owners[e] == p] for p in range(W)]
-    recv = [[e for e in holds if old.owners[e] == s] for s in range(W)]
+    send, recv = _routes(old, new, rank)
     order = [row[e] for part in send for e in part]
     inp = local.index_select(0, torch.tensor(order, dtype=torch.long, device=local.device))
     got = comm.all_to_all(inp.reshape(len(order), -1), what, [len(r) for r in recv], [len(s) for s in send])
@@ -82,11 +101,12 @@ def replace_experts(layer, new_placement, optimizer: torch.optim.Optimizer | Non
     what = f"replace_experts of layer {layer.name!r}"
     comm, old = layer.comm, layer.placement
     new = as_placement(new_placement, old.num_experts, comm.world_size, what=f"new placement of layer {layer.name!r}")
-    check_same_fingerprint(comm, {"new placement": str(new.owners)},
+    check_same_fingerprint(comm, {"new placement": str(new.fingerprint)},
                            "Every rank must pass the same new placement to replace_experts.")  # fmt: skip
     rank = comm.rank
-    sent = sum(1 for e in old.experts_of(rank) if new.owners[e] != rank)
-    received = sum(1 for e in new.experts_of(rank) if old.owners[e] != rank)
+    send, recv = _routes(old, new, rank)
+    sent = sum(len(x) for p, x in enumerate(send) if p != rank)  # expert copies, with replicas
+    received = sum(len(x) for s, x in enumerate(recv) if s != rank)
     bytes_sent = bytes_received = 0
     state = optimizer.state if optimizer is not None else {}
     for name in EXPERT_PARAMS:
@@ -119,7 +139,7 @@ def replace_experts(layer, new_placement, optimizer: torch.optim.Optimizer | Non
                     state[q][suffix[len(" state ") :]] = t
     layer._set_placement(new)
     return ExpertMove(
-        experts_moved=sum(1 for e in range(old.num_experts) if old.owners[e] != new.owners[e]),
+        experts_moved=sum(1 for e in range(old.num_experts) if old.ranks[e] != new.ranks[e]),
         experts_sent=sent, experts_received=received, bytes_sent=bytes_sent, bytes_received=bytes_received,
         seconds=time.perf_counter() - t0,
     )  # fmt: skip
