@@ -20,6 +20,11 @@ consecutive ``T / W`` of them. For each row of the table:
   destination, as DeepSeek's node-limited dispatch does); percentages against the
   uniform placement.
 
+The replicated rows plan ``--replicas`` (default 8) extra copies of the hottest
+experts, and 8 times that, with ``plan_placement(..., replicas=N)``, and send each row
+to the replica the layer's rule picks (own rank, own node, then an even spread:
+``parallel/replicas.py``), through the same ``placement_traffic``.
+
 Run: ``python -m benchmarks.placement`` (about 10 s on a CPU); ``--markdown`` prints
 the table for docs/parallel.md.
 """
@@ -70,7 +75,8 @@ def _row(name, ids, placement, R, base=None):
     return m
 
 
-def run(tokens: int = 16384, W: int = 8, R: int = 2, E: int = 64, k: int = 8, M: int = 2, seed: int = 0):
+def run(tokens: int = 16384, W: int = 8, R: int = 2, E: int = 64, k: int = 8, M: int = 2, seed: int = 0,
+        replicas: int = 8):  # fmt: skip
     recorded, partner = skewed_trace(tokens, E, seed=seed, trace_seed=1)
     measured, _ = skewed_trace(tokens, E, seed=seed, trace_seed=2)
     ids_rec = recorded.topk(k, -1).indices
@@ -83,33 +89,27 @@ def run(tokens: int = 16384, W: int = 8, R: int = 2, E: int = 64, k: int = 8, M:
     rows = [_row("uniform placement, top-8", ids, uniform, R)]
     base = rows[0]
     rows.append(_row("data-driven placement, top-8", ids, planned, R, base))
+    # replicated hot experts: the planner's copies, each row to the replica the layer's rule picks
+    replicated = {}
+    for extra in (replicas, 8 * replicas):
+        pl = plan_placement(routing_stats(ids_rec, E), W, R, replicas=extra)
+        replicated[extra] = pl
+        rows.append(_row(f"data-driven placement + {extra} replicated hot experts ({max(pl.counts)} slots per rank), "
+                         "top-8", ids, pl, R, base))  # fmt: skip
     # node-limited routing: the groups are the nodes of the placement in use
     nodes_uniform = torch.arange(E).view(N, E // N)
     nl = group_limited_topk(measured, k, nodes_uniform, M, 2)
     rows.append(_row(f"uniform placement, node-limited top-8 (M={M} of {N} nodes)", nl, uniform, R, base))
-    nodes_planned = torch.tensor([[e for r in range(n * R, (n + 1) * R) for e in planned.experts_of(r)] for n in range(N)])
+    nodes_planned = torch.tensor(
+        [[e for r in range(n * R, (n + 1) * R) for e in planned.experts_of(r)] for n in range(N)]
+    )
     nl2 = group_limited_topk(measured, k, nodes_planned, M, 2)
     rows.append(_row(f"data-driven placement, node-limited top-8 (M={M})", nl2, planned, R, base))
     own = torch.tensor(planned.owners)
     pairs = dict(same_rank=float((own == own[partner]).double().mean()),
                  same_node=float((own // R == own[partner] // R).double().mean()))  # fmt: skip
-    pairs["hot8_everywhere"] = {name: hot_everywhere_copies(ids, pl, R, 8) for name, pl in
-                                (("uniform", uniform), ("data-driven", planned))}  # fmt: skip
+    pairs["replicated"] = {n: [len(h) for h in pl.ranks] for n, pl in replicated.items()}
     return rows, plan_ms, planned, pairs
-
-
-def hot_everywhere_copies(ids, placement, R, hot: int) -> int:
-    """Projection (replicas are not implemented): cross-node copies if the ``hot`` most loaded
-    experts had a replica on every node, so that their rows stay on the token's node."""
-    T, W = ids.shape[0], placement.world_size
-    load = torch.zeros(placement.num_experts).index_add_(0, ids.reshape(-1), torch.ones(ids.numel()))
-    is_hot = torch.zeros(placement.num_experts, dtype=torch.bool)
-    is_hot[load.argsort(descending=True, stable=True)[:hot]] = True
-    home = torch.arange(T) * W // T // R
-    node = torch.where(is_hot[ids], home[:, None], torch.tensor(placement.owners)[ids] // R)
-    hit = torch.zeros(T, W // R, dtype=torch.bool).scatter_(1, node, True)
-    hit[torch.arange(T), home] = False
-    return int(hit.sum())
 
 
 def _plan_time(E=256, W=1024, R=8, tokens=8192, k=8):
@@ -144,17 +144,18 @@ def main(argv=None) -> None:
     p.add_argument("--ranks-per-node", type=int, default=2)
     p.add_argument("--topk-nodes", type=int, default=2, help="M of node-limited routing")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicas", type=int, default=8, help="extra copies of the hottest experts (and 8x that)")
     p.add_argument("--markdown", action="store_true")
     a = p.parse_args(argv)
-    rows, plan_ms, planned, pairs = run(a.tokens, a.world_size, a.ranks_per_node, M=a.topk_nodes, seed=a.seed)
+    rows, plan_ms, planned, pairs = run(a.tokens, a.world_size, a.ranks_per_node, M=a.topk_nodes, seed=a.seed,
+                                        replicas=a.replicas)  # fmt: skip
     print(f"skewed trace: {a.tokens} tokens, E=64, top-8, Zipf 1.2 with 32 correlated pairs; W={a.world_size} "
           f"simulated, {a.ranks_per_node} ranks per node; planned on one trace, measured on another")  # fmt: skip
     print(format_table(rows, a.markdown))
     print(f"plan_placement: {plan_ms:.1f} ms here; E=256, W=1024, 8 ranks per node: {_plan_time():.0f} ms")
-    h = pairs["hot8_everywhere"]
-    print(f"projection (replicas not implemented): the 8 hottest experts on every node would leave "
-          f"{h['uniform']:,} cross-node copies (uniform) / {h['data-driven']:,} (data-driven), "
-          f"{100 * (h['data-driven'] - rows[0]['cross_node_copies']) / rows[0]['cross_node_copies']:+.0f}% against uniform")
+    for n, copies in pairs["replicated"].items():
+        hot = sorted(((c, e) for e, c in enumerate(copies) if c > 1), reverse=True)
+        print(f"replicas={n}: copies per replicated expert {', '.join(f'{e}: {c}' for c, e in hot)}")
     print(f"data-driven placement: {100 * pairs['same_node']:.0f}% of the experts share a node with their correlated "
           f"partner, {100 * pairs['same_rank']:.0f}% a rank; {planned.describe()}")  # fmt: skip
 
