@@ -13,6 +13,8 @@
   checkpoint loads into a replicated one; ``gather_state_dict`` gives the full model.
 * ``replicas_replace``: ``replace_experts`` into and out of a replicated placement
   changes no loss and no weight.
+* ``replicas_traffic``: the rows each rank receives, the load statistics and the
+  cross-rank rows equal what ``placement_traffic`` predicts from the same routing.
 * ``replicas_bad_placements``: every bad replicated placement raises the same
   ``ValueError`` on every rank, before any collective; the group stays usable.
 """
@@ -193,6 +195,8 @@ def replicas_checkpoint(rank, W):
     _step(rep, opt, rank, W)
     save_sharded(rep, _dir(f"rep{W}"), opt)
     want = gather_state_dict(rep)
+    if rank == 0:  # what the plain single-process model must read back (tests/test_parallel_replicas.py)
+        torch.save(want, _dir(f"rep{W}.full.pt"))
     # into a single-replica (permuted) placement
     owners = [(e * 3 + 1) % W for e in range(E)]
     single = parallel(reference(E, glu=True, seed=9), placement=ExpertPlacement.from_owners(owners, W))
@@ -259,6 +263,36 @@ def replicas_replace(rank, W):
     for key in full_base:
         torch.testing.assert_close(full_moved[key], full_base[key], **PARAM_TOL, msg=key)
     return {"losses": moved, "moves": info}
+
+
+@scenario
+def replicas_traffic(rank, W):
+    """The rows each rank's replicas receive are what ``placement_traffic`` predicts (one rule for both)."""
+    import torch
+    import torch.distributed as dist
+
+    from blocksparse_moe import MoEConfig
+    from blocksparse_moe.parallel import ExpertParallelDMoE, collect_load_stats, placement_traffic
+
+    pl, R, T, k = _placement(W), (1 if W == 2 else 2), 12, 3
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=pl.num_experts, top_k=k, backend="torch")
+    layer = ExpertParallelDMoE(cfg, placement=pl, ranks_per_node=R, name="traffic")
+    x = torch.randn(T, 16, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        _, aux = layer(x, return_aux=True)
+    ids = [torch.empty_like(aux.expert_ids) for _ in range(W)]
+    dist.all_gather(ids, aux.expert_ids.contiguous())
+    want = placement_traffic(torch.cat(ids), pl, R)
+    (stats,) = collect_load_stats(layer).values()
+    got = sum(aux.all_to_all.recv_rows)
+    assert got == want["rows_per_rank"][rank], (got, want["rows_per_rank"])
+    assert stats.rows_per_rank == want["rows_per_rank"], (stats.rows_per_rank, want["rows_per_rank"])
+    assert abs(stats.balancedness - want["balancedness"]) < 1e-12
+    sent_away = sum(aux.all_to_all.send_rows) - aux.all_to_all.send_rows[rank]
+    total = torch.tensor(sent_away)
+    dist.all_reduce(total)
+    assert int(total) == want["cross_rank_rows"], (int(total), want["cross_rank_rows"])
+    return {"rows_per_rank": want["rows_per_rank"], "cross_rank_rows": want["cross_rank_rows"]}
 
 
 @scenario

@@ -152,7 +152,7 @@ def test_placement_traffic_uses_the_layers_rule():
 
 
 # --------------------------------------------------------------------------- the layer, on gloo
-NAMES = ["replicas_vs_single", "replicas_training", "replicas_checkpoint", "replicas_replace",
+NAMES = ["replicas_vs_single", "replicas_training", "replicas_checkpoint", "replicas_replace", "replicas_traffic",
          "replicas_bad_placements"]  # fmt: skip
 
 
@@ -166,7 +166,8 @@ def launch(request):
         if run.get("replicas_checkpoint")[0] and run.get("replicas_checkpoint")[0].get("status") == "ok":
             loaded = single_process_load(directory, request.param)
             meta = dcp.FileSystemReader(os.path.join(directory, f"rep{request.param}")).read_metadata()
-            loaded = (loaded, meta)
+            full = torch.load(os.path.join(directory, f"rep{request.param}.full.pt"))
+            loaded = (loaded, meta, full)
         yield run, loaded
 
 
@@ -202,7 +203,7 @@ def test_training_keeps_replicas_identical(launch):
 def test_checkpoint_stores_one_copy_and_loads_anywhere(launch):
     run, loaded = launch
     run.check("replicas_checkpoint")
-    state, meta = loaded
+    state, meta, full = loaded
     keys = [k for k in meta.state_dict_metadata if ".expert." in k and k.startswith("model.")]
     E = 6 if run.world_size == 2 else 8
     assert len(keys) == 3 * E  # w1, w2, v1 once per global expert
@@ -213,6 +214,15 @@ def test_checkpoint_stores_one_copy_and_loads_anywhere(launch):
         writers.setdefault(idx.fqn, []).append(info.relative_path)
     assert all(len(v) == 1 for k, v in writers.items() if k in keys), "an expert was written twice"
     assert state["moe.w1"].shape[0] == E
+    for key, value in full.items():  # a plain dMoE process reads every expert back, bit for bit
+        assert torch.equal(state[key], value), key
+
+
+@gloo
+def test_layer_traffic_is_what_placement_traffic_predicts(launch):
+    run, _ = launch
+    per_rank = run.check("replicas_traffic")
+    assert sum(per_rank[0]["rows_per_rank"]) == 12 * 3 * run.world_size
 
 
 @gloo
