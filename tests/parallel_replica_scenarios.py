@@ -339,3 +339,16 @@ def single_process_load(directory: str, W: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     load_sharded(model, os.path.join(directory, f"rep{W}"), opt)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@scenario
+def replicas_hf_mixtral(rank, W):
+    """A Hugging Face Mixtral sharded with a replicated placement: logits, loss, every gradient, checkpoints."""
+    from parallel_hf_scenarios import check_family
+
+    from blocksparse_moe.parallel import ExpertPlacement
+
+    pl = ExpertPlacement.from_ranks([[0, 1], [0], [1], [0, 1]] if W == 2 else [[0, 1, 2, 3], [1, 3], [0], [2]], W)
+    res = check_family(rank, W, "mixtral", placement=pl)
+    res["holders"] = [list(h) for h in pl.ranks]
+    return res

@@ -245,3 +245,15 @@ def test_bad_placements_raise_on_every_rank(launch):
     assert "a rank is listed twice" in per_rank[0]["twice_on_a_rank"]
     assert "more than world_size=" in per_rank[0]["more_replicas_than_ranks"]
     assert "places 3 experts" in per_rank[0]["wrong_expert_count"]
+
+
+@gloo
+def test_hugging_face_experts_with_replicas():
+    pytest.importorskip("transformers", minversion="5.23", reason="needs the [hf] extra (transformers>=5.23)")
+    with tempfile.TemporaryDirectory(prefix="bsmoe-replicas-hf-") as directory:
+        run = harness.launch(2, ["replicas_hf_mixtral"], timeout=150, pg_timeout=40, env={"BSMOE_CKPT_DIR": directory})
+        per_rank = run.check("replicas_hf_mixtral")
+    holders = per_rank[0]["holders"]
+    for key in per_rank[0]["experts"]:  # each rank holds exactly the experts the placement gives it
+        for rank, r in enumerate(per_rank):
+            assert r["experts"][key] == [e for e, h in enumerate(holders) if rank in h]

@@ -186,7 +186,7 @@ def expert_parallel(
         pl = as_placement(_placement_for(placement, name), E, groups.ep_size, what=f"placement of {name}")
         plans.append((name, m, names, pl))
         shapes = [tuple(getattr(m, n).shape) for n in names]
-        fingerprint[name] = repr((type(m).__name__, shapes, str(getattr(m, names[0]).dtype), pl.owners))
+        fingerprint[name] = repr((type(m).__name__, shapes, str(getattr(m, names[0]).dtype), pl.fingerprint))
     fingerprint["options"] = repr((backend, block_size, capacity_per_peer, capacity_overflow, groups.dp_size))
     check_same_fingerprint(
         Communicator(groups.ep, "expert_parallel(model)", timeout), fingerprint,
