@@ -121,3 +121,39 @@ _case("choice_node", tokens=[10, 6, 0, 8], E=8, k=2, routing="expert_choice",
       ep_options={"hierarchy": "node", "ranks_per_node": 2, "chunks": 2})  # fmt: skip
 _case("choice_fixed_capacity", tokens=[9, 5, 7, 2], E=6, k=2, routing="expert_choice",
       ep_options={"capacity_per_peer": 64})  # fmt: skip
+
+
+@scenario
+def shared_beside_counts(rank, W):
+    """The shared experts run while the counts travel: on a rank waiting for a slow peer, before the host read.
+
+    The last rank sleeps before its forward; every other rank's "local work" span (the
+    shared experts) ends while it is still waiting for that peer's counts. Orders and a
+    0.3 s sleep, not durations of compute: they hold on any machine.
+    """
+    import time
+
+    import torch
+
+    from blocksparse_moe import MoEConfig
+    from blocksparse_moe.parallel import ExpertParallelDMoE
+    from blocksparse_moe.parallel.trace import StageTrace
+
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=2 * W, top_k=2, block_size=16, backend="torch",
+                    num_shared_experts=1)  # fmt: skip
+    out = {}
+    for hierarchy in ("flat", "node"):
+        ep = ExpertParallelDMoE(cfg, hierarchy=hierarchy, ranks_per_node=1 if W == 2 else 2, name=f"beside-{hierarchy}")
+        ep.trace = StageTrace()
+        if rank == W - 1:
+            time.sleep(0.3)
+        ep(torch.randn(12, 32, requires_grad=True)).sum().backward()
+        first = {}
+        for s in ep.trace.spans:
+            first.setdefault(s.stage, s)
+        local, read, counts = first["local work"], first["host read"], first["count exchange"]
+        assert counts.start <= local.start and local.end <= read.start, ep.trace.table()
+        if rank != W - 1:  # it waited for the sleeping peer after the shared experts were done
+            assert read.start - local.end > 0.1, ep.trace.table()
+        out[hierarchy] = round(read.start - local.end, 3)
+    return {"idle_after_local_work_s": out}

@@ -74,6 +74,7 @@ class ExchangeResult:
     rows_received: torch.Tensor  # [W] int64
     dropped: torch.Tensor  # [] int64
     stats: AllToAllStats
+    local: Optional[torch.Tensor] = None  # what run's local_work returned (computed while the counts travelled)
 
 
 @dataclass(frozen=True)
@@ -227,20 +228,33 @@ class TokenExchange:
         return sum(self.payload_splits[p] for p in range(self.world_size) if p != self.rank) * elem
 
     def run(
-        self, x, plan: RoutingPlan, weights, expert_fn: ExpertFn, backend: str, anchor, params=None
+        self, x, plan: RoutingPlan, weights, expert_fn: ExpertFn, backend: str, anchor, params=None, local_work=None
     ) -> ExchangeResult:
         """One forward's exchange. A collective: every rank of the group calls it with its own rows.
 
         ``params``: the tensors ``expert_fn`` reads; needed with ``max_recv_rows`` (the rounds'
         backward recomputes the experts and hands their gradients back).
+        ``local_work``: a callable with no arguments, run after the count exchange is issued
+        and before this rank waits for it (the wait, and with it the forward's host read,
+        is where a rank idles until its slowest peer has routed): compute that needs no
+        exchange, such as the shared experts, fills that time. Its result is
+        ``ExchangeResult.local``.
         """
         if self.hierarchy == "node":
-            return self._run_hierarchical(x, plan, weights, expert_fn, anchor)
-        if self.capacity_per_peer is None:
-            return self._run_variable(x, plan, weights, expert_fn, backend, anchor, params)
-        return self._run_capacity(x, plan, weights, expert_fn, backend, anchor)
+            res = self._run_hierarchical(x, plan, weights, expert_fn, anchor, local_work)
+        elif self.capacity_per_peer is None:
+            res = self._run_variable(x, plan, weights, expert_fn, backend, anchor, params, local_work)
+        else:
+            res = self._run_capacity(x, plan, weights, expert_fn, backend, anchor, local_work)
+        return res
 
-    def _run_variable(self, x, plan, weights, expert_fn, backend, anchor, params=None) -> ExchangeResult:
+    def _local_work(self, fn):
+        if fn is None:
+            return None
+        with timed(self.trace, "local work"):
+            return fn()
+
+    def _run_variable(self, x, plan, weights, expert_fn, backend, anchor, params=None, local_work=None):
         comm, W, El, E, M = self.comm, self.world_size, self.num_local, self.placement.num_experts, self.matrix_words
         dev, t = x.device, self.tables(x.device)
         # 1. Counts (rank p gets its experts' counts from us); 2. the gather meanwhile
@@ -249,6 +263,7 @@ class TokenExchange:
         with timed(self.trace, "count exchange"):
             recv, work = self._exchange_counts(send_counts, send_counts.new_zeros(()), t)
             x_sorted = ops.gather(x, plan, backend)
+            local = self._local_work(local_work)
             comm.wait(work, "count exchange (all_to_all_single)")
         # 3. The one host read of the forward: both count vectors in one transfer.
         with timed(self.trace, "host read"):
@@ -307,9 +322,10 @@ class TokenExchange:
             out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=recv_counts.sum(0),
             rows_sent=torch.zeros(W, dtype=torch.int64, device=dev).index_add_(0, t.owner, send_counts),
             rows_received=recv_counts.sum(1), dropped=torch.zeros((), dtype=torch.int64, device=dev), stats=stats,
+            local=local,
         )  # fmt: skip
 
-    def _run_hierarchical(self, x, plan, weights, expert_fn, anchor) -> ExchangeResult:
+    def _run_hierarchical(self, x, plan, weights, expert_fn, anchor, local_work=None) -> ExchangeResult:
         """Two stages (across nodes once per (token, node), then inside the node): see .hierarchical."""
         comm, W, El, E, hp = self.comm, self.world_size, self.num_local, self.placement.num_experts, self.hplan
         dev, t = x.device, self.tables(x.device)
@@ -317,6 +333,7 @@ class TokenExchange:
         expert_ids = self._expert_ids(plan)
         with timed(self.trace, "count exchange"):
             per_node, node_e, mask, recv, work = hp.start(comm, expert_ids, send_counts, send_counts.new_zeros(()))
+            local = self._local_work(local_work)
             comm.wait(work, "count exchange (hierarchical, all_to_all_single)")
         with timed(self.trace, "host read"):
             host = torch.cat([send_counts, per_node, recv]).tolist()  # the one host read of the forward
@@ -338,6 +355,7 @@ class TokenExchange:
             out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=mine.sum(0),
             rows_sent=torch.zeros(W, dtype=torch.int64, device=dev).index_add_(0, t.owner, send_counts),
             rows_received=mine.sum(1), dropped=torch.zeros((), dtype=torch.int64, device=dev), stats=stats,
+            local=local,
         )  # fmt: skip
 
     def _expert_ids(self, plan: RoutingPlan) -> torch.Tensor:
@@ -346,7 +364,7 @@ class TokenExchange:
         slot_expert = plan.sorted_expert.long()[plan.slot_to_sorted.long()]  # [T*k] placement order
         return order[slot_expert].view(plan.num_tokens, plan.top_k)
 
-    def _run_capacity(self, x, plan, weights, expert_fn, backend, anchor) -> ExchangeResult:
+    def _run_capacity(self, x, plan, weights, expert_fn, backend, anchor, local_work=None) -> ExchangeResult:
         comm, W, El = self.comm, self.world_size, self.num_local
         B, dev, H, S = self.capacity_per_peer, x.device, x.shape[1], plan.num_slots
         t = self.tables(dev)
@@ -365,6 +383,7 @@ class TokenExchange:
         keep = rank_in_chunk < B
         pos = torch.where(keep, dest * B + rank_in_chunk, torch.full_like(dest, W * B))  # W*B: dropped
         x_send = x_sorted.new_zeros(W * B + 1, H).index_copy(0, pos, x_sorted)[: W * B]
+        local = self._local_work(local_work)
         comm.wait(work, "count exchange (all_to_all_single)")
         got = recv.view(W, El + 1)
         recv_counts, extra = got[:, :El], got[:, El]  # [W, E_l]; [W] each source's largest chunk
@@ -401,7 +420,7 @@ class TokenExchange:
         return ExchangeResult(
             out=out, tokens_per_expert=self.global_counts(plan), tokens_per_local_expert=local_counts,
             rows_sent=rows_to.clamp(max=B), rows_received=recv_counts.sum(1).clamp(max=B), dropped=(~keep).sum(),
-            stats=stats,
+            stats=stats, local=local,
         )  # fmt: skip
 
     def _check_peers(self, extra: torch.Tensor) -> None:

@@ -429,7 +429,9 @@ class ExpertParallelDMoE(nn.Module):
         # backward on every rank, even one whose x and weights need no gradient.
         anchor = x2.new_zeros(0).requires_grad_() if torch.is_grad_enabled() else None
         params = tuple(getattr(self, n) for n in EXPERT_PARAMS)
-        res = self.exchange.run(rows, plan, row_weights, self._experts_on_received, backend, anchor, params)
+        # The shared experts need no exchange: they run while the counts travel (local_work).
+        shared_fn = None if self.shared_expert is None else (lambda: shared_output(self, x2))
+        res = self.exchange.run(rows, plan, row_weights, self._experts_on_received, backend, anchor, params, shared_fn)
         self.load_tracker.record(
             res.tokens_per_expert, res.tokens_per_local_expert, res.rows_sent, res.rows_received, res.dropped,
             res.stats,
@@ -437,9 +439,8 @@ class ExpertParallelDMoE(nn.Module):
         out = res.out
         if cfg.routing == "expert_choice":
             out, unrouted = expert_choice_combine(out, chosen, x2.shape[0])
-        shared = shared_output(self, x2)
-        if shared is not None:
-            out = out + shared
+        if res.local is not None:
+            out = out + res.local
         out = out.reshape(x.shape)
         if not return_aux:
             return out
