@@ -5,13 +5,15 @@ dense -> rows), ``dsd_t`` (blocks^T x rows -> per-expert dense, the weight
 gradients), ``permute`` (gather into expert order, weighted combine back) and
 ``topology`` (the block-sparse index arrays from the expert offsets).
 ``sdd_persistent`` / ``sdd_glu`` (``sdd_persistent.py``) are opt-in persistent,
-TMA-fed SDD variants (the second with SwiGLU in the epilogue); not timed yet, so
-nothing calls them by default.
+TMA-fed SDD variants (the second with SwiGLU in the epilogue) and ``dsd_persistent``
+(``dsd_persistent.py``) the persistent, TMA-fed DSD with optional routing weights in
+its epilogue; not timed yet, so nothing calls them by default.
 Nothing here imports the layer; the autograd ops in ``blocksparse_moe.ops`` call
 these launchers.
 """
 
 from .dsd import dsd
+from .dsd_persistent import dsd_persistent, dsd_tile_schedule
 from .dsd_t import dsd_t
 from .permute import combine, combine_weight_grad, gather
 from .sdd import sdd
@@ -20,5 +22,5 @@ from .topology import topology_arrays
 
 __all__ = [
     "sdd", "dsd", "dsd_t", "gather", "combine", "combine_weight_grad", "topology_arrays",
-    "sdd_persistent", "sdd_glu", "tile_schedule",
+    "sdd_persistent", "sdd_glu", "tile_schedule", "dsd_persistent", "dsd_tile_schedule",
 ]

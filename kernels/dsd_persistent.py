@@ -1,0 +1,293 @@
+"""Persistent DSD: ``y_sorted = blocks(h) @ w2`` on ``min(#SMs, tiles)`` programs, routing weights in the epilogue.
+
+The same product and output contract as ``kernels/dsd.py``'s ``dsd``: ``h_blocks
+[capacity, bs, bs]`` (the block-sparse intermediate) times the per-expert dense ``w2
+[E, ffn, N]`` gives ``[S, N]`` sorted rows, every row written (each sorted row belongs
+to one active block row; padding exists only in index space), so ``out`` may come
+from ``torch.empty``. Organised as ``sdd_persistent.py``:
+
+* **The device tile schedule** of ``sdd_persistent.tile_schedule``, over output tiles
+  (block row ``r``, column tile ``c`` of ``BLOCK_N`` columns of ``N``): active block
+  rows first in grouped order (a weight panel ``w2[e][:, c]`` is then reused from L2 by
+  the ``GROUP`` block rows walking it), then the spare rows. No host read.
+* **A persistent grid**: ``min(num_programs, tiles)`` programs loop over the schedule.
+  A spare tile runs no K step and its row range is empty, so it stores nothing.
+* **The K loop** walks the block row's ``F`` blocks in order (block ``r*F + f`` holds
+  columns ``f*bs ..`` of expert ``e``'s intermediate), ``BLOCK_K`` (a divisor of ``bs``)
+  columns per step: step ``k0`` reads block ``r*F + k0 // bs`` at column ``k0 % bs``.
+* **TMA** (``USE_TMA``): ``h_blocks`` through a 3-D ``[capacity, bs, bs]`` descriptor
+  (box ``[1, bs, BLOCK_K]``; coordinates stay int32 however large ``capacity * bs``),
+  ``w2`` through a 3-D ``[E, K, N]`` descriptor, or ``[E, N, K]`` for K-contiguous views
+  (transformers' ``down_proj [E, H, ffn]`` transposed). The ``w2`` box zero-fills past
+  ``K`` and ``N``; ``h_blocks``' columns past ``K`` in the last block are not zero-filled
+  (they are inside the tensor, and may hold anything: ``dsd`` masks them), so when
+  ``K % bs != 0`` (``K_TAIL``) the loaded tile is masked in registers. At the two
+  issue-15 shapes ``K`` is a multiple of 128 and that mask compiles away.
+* **Routing weights** (``row_weights [S]``, sorted order): each output row is scaled in
+  fp32 before its one rounding, so the top-k combine afterwards is a plain gather-sum
+  (``permute.combine`` with ``weights=None``).
+
+Opt-in only (``blocksparse_moe.kernels.dsd_persistent``): not timed yet, so nothing
+uses it by default (docs/perf-notes.md, "Persistent DSD").
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import check_block_data, check_same, check_tensor
+from .config import _fits, _registers_fit, dot_precision, interpreting, needs_upcast
+from .sdd_persistent import _SCHEDULE_TILE, _default_programs, _ensure_allocator, _schedule_kernel, tma_problem
+from .tiling import GROUP
+
+
+@triton.jit
+def _dsd_persistent_kernel(
+    data_ptr,  # [capacity, BLOCK, BLOCK] block data, contiguous
+    b_ptr,  # [E, K, N] per-expert dense, strides (stride_be, stride_bk, stride_bn)
+    out_ptr,  # [S, N] sorted rows, strides (stride_om, stride_on)
+    w_ptr,  # [S] routing weights in sorted order (ROW_WEIGHTS only; out_ptr otherwise, never read)
+    schedule_ptr,  # [num_tiles] int32: tile -> (r << COL_BITS) | c
+    block_row_expert_ptr,  # [R] int32: block row -> expert (E if spare)
+    block_row_start_ptr,  # [R] int32: block row -> first sorted position
+    block_row_end_ptr,  # [R] int32: block row -> end of its expert's rows (exclusive)
+    offsets_ptr,  # [R + 1] int32: block row -> first block (BCSR); spare rows are empty
+    num_tiles,
+    num_programs,
+    K,
+    N,
+    F,
+    E,
+    capacity,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    stride_on,
+    stride_w,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    COL_BITS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    B_K_MAJOR: tl.constexpr,  # TMA only: b is a K-contiguous view (stride_bk == 1), e.g. down_proj^T
+    K_TAIL: tl.constexpr,  # K % BLOCK != 0: the last block's columns past K must be masked
+    ROW_WEIGHTS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid ``(min(num_programs, num_tiles),)``; program ``p`` computes tiles ``p, p + P, ...``.
+
+    Tile ``(r, c)``: rows ``block_row_start[r] ..`` (at most ``BLOCK``, those below
+    ``block_row_end[r]`` stored), columns ``c*BLOCK_N ..`` (those below ``N`` stored),
+    summed over the expert's whole ``K`` in ``cdiv(K, BLOCK_K)`` steps.
+    """
+    offs = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    if USE_TMA:
+        # Once per program (outside the tile loop): the tensormaps go to the global
+        # scratch of triton.set_allocator, 128 bytes each, reused for every tile.
+        a_desc = tl.make_tensor_descriptor(data_ptr, shape=[capacity, BLOCK, BLOCK], strides=[BLOCK * BLOCK, BLOCK, 1],
+                                           block_shape=[1, BLOCK, BLOCK_K])  # fmt: skip
+        if B_K_MAJOR:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, N, K], strides=[stride_be, stride_bn, 1],
+                                               block_shape=[1, BLOCK_N, BLOCK_K])  # fmt: skip
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, K, N], strides=[stride_be, stride_bk, 1],
+                                               block_shape=[1, BLOCK_K, BLOCK_N])  # fmt: skip
+    for t in tl.range(tl.program_id(0), num_tiles, num_programs):
+        packed = tl.load(schedule_ptr + t)
+        r = packed >> COL_BITS
+        col0 = (packed & ((1 << COL_BITS) - 1)) * BLOCK_N
+        n_blocks = tl.load(offsets_ptr + r + 1) - tl.load(offsets_ptr + r)  # F, or 0 for a spare row
+        steps = tl.where(n_blocks > 0, k_steps, 0)
+        e = tl.load(block_row_expert_ptr + r)  # E on a spare row: never read (steps == 0)
+        rows = tl.load(block_row_start_ptr + r) + offs
+        row_mask = rows < tl.load(block_row_end_ptr + r)
+        cols = col0 + offs_n
+        col_mask = cols < N
+        first = r * F  # the block row's first block (int32: < capacity)
+        acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+        a_row = data_ptr + first.to(tl.int64) * (BLOCK * BLOCK) + offs[:, None] * BLOCK + offs_k[None, :]
+        b_off = (
+            e.to(tl.int64) * stride_be
+            + offs_k.to(tl.int64)[:, None] * stride_bk
+            + cols.to(tl.int64)[None, :] * stride_bn
+        )
+        for ks in range(0, steps):
+            k0 = ks * BLOCK_K
+            f = k0 // BLOCK  # BLOCK_K divides BLOCK: a step never straddles two blocks
+            kk = k0 % BLOCK
+            k_mask = offs_k < K - k0
+            if USE_TMA:
+                a = a_desc.load([first + f, 0, kk]).reshape(BLOCK, BLOCK_K)
+                if K_TAIL:
+                    a = tl.where(k_mask[None, :], a, 0.0)
+                if B_K_MAJOR:
+                    b = tl.trans(b_desc.load([e, col0, k0]).reshape(BLOCK_N, BLOCK_K))
+                else:
+                    b = b_desc.load([e, k0, col0]).reshape(BLOCK_K, BLOCK_N)
+            else:
+                a = tl.load(a_row + f * (BLOCK * BLOCK) + kk, mask=k_mask[None, :], other=0.0)
+                b = tl.load(b_ptr + b_off + k0 * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if ROW_WEIGHTS:
+            # fp32 scale before the one rounding of the store: y = w * (h @ w2) exactly as the combine did it.
+            w = tl.load(w_ptr + rows.to(tl.int64) * stride_w, mask=row_mask, other=0.0).to(tl.float32)
+            acc = acc * w[:, None]
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Host side: configs, the schedule, TMA eligibility, the launcher.
+
+
+def dsd_persistent_configs(block: int, elem_bytes: int = 2, use_tma: bool = True) -> list[dict]:
+    """Launchable configs ``{BLOCK_K, BLOCK_N, num_warps, num_stages}``: tiles ``block x BLOCK_N``.
+
+    ``BLOCK_N`` is at most 256 (a TMA box dimension's limit) and ``BLOCK_K`` divides
+    ``block`` (a K step reads one block). Filtered by ``kernels.config``'s register and
+    shared-memory models. The pointer path does not get BLOCK_K 128, as for
+    ``sdd_persistent`` (its pointer loads spilled there on sm_90).
+    """
+    eb = 4 if elem_bytes >= 4 else 2
+    block_ks = [k for k in ((16, 32, 64, 128) if use_tma else (16, 32, 64)) if k <= block]
+    out = []
+    for block_n, block_k, warps, stages in itertools.product((32, 64, 128, 256), block_ks, (4, 8), (2, 3, 4)):
+        if _registers_fit(block, block_n, block_k, warps, eb) and _fits(block, block_n, block_k, stages, elem_bytes):
+            out.append(dict(BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps, num_stages=stages))
+    return out
+
+
+def preferred_config(configs: list[dict]) -> dict:
+    """The widest tile, BLOCK_K 64 (else the largest), 8 warps, the deepest pipeline."""
+    return max(configs, key=lambda c: (c["BLOCK_N"], c["BLOCK_K"] == 64, c["BLOCK_K"], -abs(c["num_warps"] - 8),
+                                       c["num_stages"]))  # fmt: skip
+
+
+def default_config(block: int, elem_bytes: int = 2) -> dict:
+    """128x256x64, 8 warps, 4 stages at block 128 in bf16; one small pinned config under the interpreter."""
+    if interpreting():
+        return dict(BLOCK_K=min(32, block), BLOCK_N=32, num_warps=4, num_stages=1)
+    configs = dsd_persistent_configs(block, elem_bytes, use_tma=False)  # one default for both load paths
+    if not configs:
+        raise ValueError(f"dsd_persistent: no config fits block={block}, element size {elem_bytes}")
+    return preferred_config(configs)
+
+
+def dsd_tile_schedule(topo, n: int, block_n: int) -> torch.Tensor:
+    """The device tile schedule ``[R * cdiv(n, block_n)]`` int32 over the ``[S, n]`` output (no host read).
+
+    Depends only on ``topo``, ``n`` and ``block_n``: several DSDs over one topology and
+    width may share it (``schedule=``).
+    """
+    R, F = topo.max_block_rows, topo.ffn_blocks
+    nt = triton.cdiv(n, block_n)
+    col_bits = max(1, (nt - 1).bit_length())
+    if R >= 1 << (31 - col_bits):
+        raise ValueError(f"dsd_persistent: {R} block rows x {nt} column tiles do not pack into an int32 schedule "
+                         f"(block rows must be < 2**{31 - col_bits})")  # fmt: skip
+    schedule = torch.empty(R * nt, dtype=torch.int32, device=topo.device)
+    if R * nt:
+        _schedule_kernel[(triton.cdiv(R * nt, _SCHEDULE_TILE),)](
+            topo.offsets, schedule, R, F, nt, COL_BITS=col_bits, GROUP=GROUP, TILE=_SCHEDULE_TILE
+        )
+    return schedule
+
+
+def _b_k_major(w2: torch.Tensor) -> tuple[bool, str | None]:
+    """(K-major?, problem): the TMA orientation ``w2`` qualifies for, N-contiguous first."""
+    n_problem = tma_problem("w2", w2, 2)
+    if n_problem is None:
+        return False, None
+    return (True, None) if tma_problem("w2", w2, 1) is None else (False, n_problem)
+
+
+def dsd_persistent(h_blocks: torch.Tensor, w2: torch.Tensor, topo, out: torch.Tensor | None = None, *,
+                   row_weights: torch.Tensor | None = None, use_tma: bool | None = None, config: dict | None = None,
+                   num_programs: int | None = None, schedule: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Persistent DSD: ``h_blocks [capacity, bs, bs]``, ``w2 [E, ffn, N]`` (any strides) -> ``[S, N]``.
+
+    ``dsd``'s contract: every row of the result is written. ``row_weights [S]`` (any
+    float dtype, sorted order, e.g. the routing weights ``w.reshape(-1)[plan.sorted_to_slot]``)
+    scales row ``i`` in fp32 before the store. ``use_tma``: None picks TMA on an sm_90+
+    GPU when ``h_blocks`` and ``w2`` (N- or K-contiguous) have 16-byte aligned bases and
+    strides; True requires it (ValueError naming the operand otherwise); False uses
+    pointer loads. ``config`` overrides ``default_config`` keys; ``num_programs`` the
+    persistent grid (default: the SM count); ``schedule`` a prebuilt ``dsd_tile_schedule``.
+    """
+    op = "dsd_persistent"
+    check_block_data(op, "h_blocks", h_blocks, topo)
+    check_tensor(op, "w2", w2, dim=3)
+    check_same(op, {"h_blocks": h_blocks, "w2": w2}, device=topo.device)
+    E, K, N = w2.shape
+    if E != topo.num_experts or K != topo.ffn_size:
+        raise ValueError(f"{op}: w2 must have shape [{topo.num_experts}, {topo.ffn_size}, N], got {tuple(w2.shape)}")
+    S, bs = topo.num_slots, topo.block_size
+    if row_weights is not None:
+        check_tensor(op, "row_weights", row_weights, dim=1)
+        if row_weights.shape[0] != S or row_weights.device != h_blocks.device:
+            raise ValueError(f"{op}: row_weights must be [{S}] (one weight per sorted row) on {h_blocks.device}, "
+                             f"got {tuple(row_weights.shape)} on {row_weights.device}")  # fmt: skip
+    if out is None:
+        out = torch.empty(S, N, dtype=h_blocks.dtype, device=h_blocks.device)
+    elif out.shape != (S, N) or out.dtype != h_blocks.dtype or out.device != h_blocks.device:
+        raise ValueError(f"{op}: out must be a {h_blocks.dtype} tensor of shape {(S, N)} on {h_blocks.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")  # fmt: skip
+    if topo.max_block_rows == 0 or N == 0:
+        return out
+    cfg = dict(default_config(bs, h_blocks.element_size()), **(config or {}))
+    unknown = set(cfg) - {"BLOCK_K", "BLOCK_N", "num_warps", "num_stages"}
+    if unknown:
+        raise ValueError(
+            f"{op}: config has unknown keys {sorted(unknown)}; expected BLOCK_K, BLOCK_N, num_warps, num_stages"
+        )
+    if cfg["BLOCK_N"] > 256:
+        raise ValueError(f"{op}: config BLOCK_N={cfg['BLOCK_N']} > 256 columns (a TMA box's limit)")
+    if bs % cfg["BLOCK_K"]:
+        raise ValueError(
+            f"{op}: config BLOCK_K={cfg['BLOCK_K']} must divide the block size {bs} (a K step reads one block)"
+        )
+    problems = [p for p in [tma_problem("h_blocks", h_blocks, 2)] if p]
+    k_major, b_problem = _b_k_major(w2)
+    problems += [b_problem] if b_problem else []
+    if use_tma is None:  # auto: TMA on a Hopper-or-newer GPU when every operand qualifies
+        use_tma = (h_blocks.is_cuda and not interpreting() and torch.cuda.get_device_capability(h_blocks.device)[0] >= 9
+                   and not problems)  # fmt: skip
+    elif use_tma and problems:
+        raise ValueError(f"{op}: use_tma=True but an operand does not qualify for TMA: " + "; ".join(problems))
+    if use_tma:
+        _ensure_allocator()
+    nt = triton.cdiv(N, cfg["BLOCK_N"])
+    num_tiles = topo.max_block_rows * nt
+    if schedule is None:
+        schedule = dsd_tile_schedule(topo, N, cfg["BLOCK_N"])
+    elif schedule.dtype != torch.int32 or schedule.shape != (num_tiles,) or schedule.device != h_blocks.device:
+        raise ValueError(f"{op}: schedule must be int32 [{num_tiles}] on {h_blocks.device} (dsd_tile_schedule(topo, "
+                         f"{N}, {cfg['BLOCK_N']})), got {schedule.dtype} {tuple(schedule.shape)} on {schedule.device}")  # fmt: skip
+    programs = num_programs or _default_programs(h_blocks.device)
+    if programs < 1:
+        raise ValueError(f"{op}: num_programs must be >= 1, got {programs}")
+    w = row_weights if row_weights is not None else out
+    _dsd_persistent_kernel[(min(programs, num_tiles),)](
+        h_blocks, w2, out, w, schedule,
+        topo.block_row_expert, topo.block_row_start, topo.block_row_end, topo.offsets,
+        num_tiles, programs, K, N, topo.ffn_blocks, E, topo.capacity,
+        w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), out.stride(1),
+        row_weights.stride(0) if row_weights is not None else 0,
+        BLOCK=bs, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], COL_BITS=max(1, (nt - 1).bit_length()),
+        USE_TMA=bool(use_tma), B_K_MAJOR=bool(use_tma and k_major), K_TAIL=K % bs != 0,
+        ROW_WEIGHTS=row_weights is not None, UPCAST=needs_upcast(h_blocks.dtype), PRECISION=dot_precision(h_blocks.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return out
