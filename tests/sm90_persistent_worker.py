@@ -1,8 +1,10 @@
-"""Compiles the persistent SDD kernels (``kernels/sdd_persistent.py``) for sm_90 and inspects their SASS.
+"""Compiles the persistent SDD and DSD kernels (``kernels/sdd_persistent.py``, ``kernels/dsd_persistent.py``)
+for sm_90 and inspects their SASS.
 
-Run by ``tests/test_sdd_persistent.py`` in a subprocess without ``TRITON_INTERPRET``
-(under the interpreter ``@triton.jit`` functions cannot be compiled):
-``python tests/sm90_persistent_worker.py OUT.json [all]``. Writes one JSON record per
+Run by ``tests/test_sdd_persistent.py`` and ``tests/test_dsd_persistent.py`` in a subprocess
+without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` functions cannot be compiled):
+``python tests/sm90_persistent_worker.py OUT.json [all] [sdd|dsd]`` (``sdd`` or ``dsd``: only that
+family's cases; neither: both). Writes one JSON record per
 case: resources from ``cuobjdump --dump-resource-usage`` (REG, STACK, LOCAL), the
 dynamic shared memory Triton asks for (``metadata.shared``), and counts of the SASS
 instructions the checks and ``docs/perf-notes.md`` talk about (HGMMA: wgmma;
@@ -11,8 +13,10 @@ local memory; USETMAXREG: the register split a warp-specialized kernel would sho
 
 The cases are the launches a bf16 Hopper run makes at BLOCK=128 (the default config,
 ``sdd_persistent.default_config``, of each kernel form and operand layout), the
-schedule kernel, and the flattened persistent loop (``FLATTEN``). With ``all``, every config of
-``persistent_configs(128, use_tma=...)`` in both load modes as well (about 60 kernels).
+schedule kernel, and the flattened persistent loop (``FLATTEN``); for the DSD, the default config
+(``dsd_persistent.default_config``) with TMA (N- and K-major ``w2``, with routing weights, with a K
+tail) and pointers. With ``all``, every config of ``persistent_configs(128, use_tma=...)`` (and
+``dsd_persistent_configs``) in both load modes as well (about 60 SDD and 40 DSD kernels).
 
 Arguments are specialised as a real launch is: pointers 16-byte aligned, unit
 strides as ``constexpr 1`` (the JIT specialises integers equal to 1), the other
@@ -31,7 +35,7 @@ import tempfile
 import time
 
 SM90 = ("cuda", 90, 32)
-DATA_PTRS = ("a_ptr", "b_ptr", "v_ptr", "out_ptr", "gate_ptr", "up_ptr")
+DATA_PTRS = ("a_ptr", "b_ptr", "v_ptr", "out_ptr", "gate_ptr", "up_ptr", "data_ptr")
 ALIGNED_INTS = ("K", "N")
 SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "STG.E.128", "LDL", "STL", "USETMAXREG")
 BLOCK = 128
@@ -50,14 +54,63 @@ def _module():
     return importlib.import_module("blocksparse_moe.kernels.sdd_persistent")
 
 
-def _cases(compile_all: bool) -> list[dict]:
+def _dsd_module():
+    import importlib
+
+    return importlib.import_module("blocksparse_moe.kernels.dsd_persistent")
+
+
+def _dsd_cases(compile_all: bool) -> list[dict]:
+    D = _dsd_module()
+    cases = []
+
+    def add(name, tma, k_major=False, row_weights=False, k_tail=False, cfg=None):
+        cfg = dict(cfg or D.default_config(BLOCK, 2))
+        cases.append(dict(name=name, kernel="dsd", dtype="bf16", use_tma=tma, k_major=k_major,
+                          row_weights=row_weights, k_tail=k_tail, config=cfg))  # fmt: skip
+
+    add("dsd tma", True)
+    add("dsd tma k-major w2 (down_proj^T)", True, k_major=True)
+    add("dsd tma row_weights", True, row_weights=True)
+    add("dsd tma k-tail (ffn % 128 != 0)", True, k_tail=True)
+    add("dsd pointers", False)
+    add("dsd pointers row_weights", False, row_weights=True)
+    if compile_all:
+        for tma in (True, False):
+            for cfg in D.dsd_persistent_configs(BLOCK, 2, use_tma=tma):
+                add(f"dsd {'tma' if tma else 'pointers'} sweep", tma, cfg=cfg)
+    return cases
+
+
+def _dsd_source(case: dict):
+    fn = _dsd_module()._dsd_persistent_kernel
+    cfg = case["config"]
+    unit = (
+        {"stride_on"}
+        | ({"stride_bk"} if case["k_major"] else {"stride_bn"})
+        | ({"stride_w"} if case["row_weights"] else set())
+    )
+    constexprs = dict(
+        BLOCK=BLOCK, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], COL_BITS=7, USE_TMA=case["use_tma"],
+        B_K_MAJOR=case["k_major"], K_TAIL=case["k_tail"], ROW_WEIGHTS=case["row_weights"], UPCAST=False, PRECISION="tf32",
+    )  # fmt: skip
+    return _signature(fn, constexprs, unit, case["dtype"], {"w_ptr": "fp32" if case["row_weights"] else case["dtype"]})
+
+
+def _cases(compile_all: bool, families=("sdd", "dsd")) -> list[dict]:
     P = _module()
 
     cases = []
+    if "dsd" in families:
+        cases += _dsd_cases(compile_all)
+    if "sdd" not in families:
+        return cases
 
     def add(name, glu, tma, k_major=False, store_pre=False, cfg=None, **extra):
         cfg = dict(cfg or P.default_config(BLOCK, 2, glu), **extra)
-        cases.append(dict(name=name, dtype="bf16", glu=glu, use_tma=tma, k_major=k_major, store_pre=store_pre, config=cfg))
+        cases.append(
+            dict(name=name, dtype="bf16", glu=glu, use_tma=tma, k_major=k_major, store_pre=store_pre, config=cfg)
+        )
 
     add("sdd tma", False, True)
     add("sdd tma k-major b (w2^T)", False, True, k_major=True)
@@ -85,6 +138,8 @@ def _source(case: dict):
         sig = {"offsets_ptr": "*i32", "schedule_ptr": "*i32", "R": "i32", "F": "i32", "NT": "i32",
                "COL_BITS": "constexpr", "GROUP": "constexpr", "TILE": "constexpr"}  # fmt: skip
         return ASTSource(fn, sig, {"COL_BITS": 7, "GROUP": P.GROUP, "TILE": P._SCHEDULE_TILE})
+    if case.get("kernel") == "dsd":
+        return _dsd_source(case)
     fn = P._sdd_persistent_kernel
     cfg = case["config"]
     unit = {"stride_ak"} | ({"stride_bk", "stride_vk"} if case["k_major"] else {"stride_bn", "stride_vn"})
@@ -93,6 +148,13 @@ def _source(case: dict):
         USE_TMA=case["use_tma"], B_K_MAJOR=case["k_major"], GLU=case["glu"], STORE_PRE=case["store_pre"],
         UPCAST=False, PRECISION="tf32", FLATTEN=cfg.get("FLATTEN", False),
     )  # fmt: skip
+    return _signature(fn, constexprs, unit, case["dtype"], {})
+
+
+def _signature(fn, constexprs: dict, unit: set, dtype: str, ptr_dtypes: dict):
+    """The ASTSource of a launch: ``unit`` strides as constexpr 1, pointers and other strides 16-aligned."""
+    from triton.compiler import ASTSource
+
     sig, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
@@ -100,7 +162,7 @@ def _source(case: dict):
         elif arg in unit:
             sig[arg], constexprs[arg] = "constexpr", 1
         elif arg.endswith("_ptr"):
-            sig[arg] = "*" + case["dtype"] if arg in DATA_PTRS else "*i32"
+            sig[arg] = "*" + ptr_dtypes.get(arg, dtype) if arg in DATA_PTRS or arg in ptr_dtypes else "*i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[arg] = "i32"
@@ -147,19 +209,21 @@ def _compile(case: dict, tmpdir: str) -> dict:
     return out
 
 
-def main(out_path: str, compile_all: bool) -> None:
+def main(out_path: str, compile_all: bool, families=("sdd", "dsd")) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")  # triton 3.9's fp-fusion notice, once per process
     records = []
     with tempfile.TemporaryDirectory() as tmpdir:
-        for case in _cases(compile_all):
+        for case in _cases(compile_all, families):
             records.append(_compile(case, tmpdir))
             with open(out_path, "w") as f:  # partial results survive a timeout
                 json.dump(records, f, indent=1)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit(f"usage: {sys.argv[0]} OUT.json [all] (run by tests/test_sdd_persistent.py)")
-    main(sys.argv[1], len(sys.argv) == 3 and sys.argv[2] == "all")
+    flags = sys.argv[2:]
+    if len(sys.argv) < 2 or not set(flags) <= {"all", "sdd", "dsd"}:
+        sys.exit(f"usage: {sys.argv[0]} OUT.json [all] [sdd|dsd] (run by tests/test_sdd_persistent.py, "
+                 f"tests/test_dsd_persistent.py), got {flags}")  # fmt: skip
+    main(sys.argv[1], "all" in flags, tuple(f for f in flags if f != "all") or ("sdd", "dsd"))

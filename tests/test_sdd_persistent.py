@@ -171,7 +171,8 @@ def test_persistent_kernels_compile_for_sm90():
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_persistent_worker.py")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.json")
-        cmd = [sys.executable, worker, path] + (["all"] if os.environ.get("BSMOE_COMPILE_ALL") == "1" else [])
+        # The DSD cases are tests/test_dsd_persistent.py's.
+        cmd = [sys.executable, worker, path, "sdd"] + (["all"] if os.environ.get("BSMOE_COMPILE_ALL") == "1" else [])
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         assert run.returncode == 0, run.stderr[-3000:]
         with open(path) as f:
