@@ -10,7 +10,13 @@ uniform and skewed routing, it times with ``triton.testing.do_bench`` (medians):
   sorted rows, and a dense ``[S, H] @ [H, N]`` of equal useful FLOPs;
 * the SwiGLU front half ``h = silu(x@w1) * (x@v1)``: ``sdd_glu`` (pointers, TMA),
   two ``sdd`` plus the torch activation-and-product, and ``grouped_mm`` on the
-  concatenated ``[w1 | v1]`` plus the same torch epilogue.
+  concatenated ``[w1 | v1]`` plus the same torch epilogue;
+* the forward DSD ``y_sorted = blocks(h) @ w2`` (``--kernels`` has ``dsd``): ``dsd``
+  (autotuned), ``dsd_persistent`` with pointers and with TMA (``w2 [E, ffn, H]`` and
+  transformers' ``down_proj [E, H, ffn]`` transposed; a few other TMA configs with
+  ``--sweep``), ``torch._grouped_mm`` on the same product over the sorted rows (both
+  weight layouts), and the weighted combine after it: ``dsd`` + ``combine(weights)``
+  against ``dsd_persistent(row_weights=...)`` + the unweighted gather-sum.
 
 Every Triton output is first checked against ``sdd``'s (relative Frobenius error,
 recorded). Results go to ``DIR/persistent.json`` after every measurement (a run cut
@@ -40,6 +46,7 @@ from blocksparse_moe import build_topology, plan_routing
 from .shapes import FINE_GRAINED, MIXTRAL, KernelShape, make_expert_ids
 
 P = importlib.import_module("blocksparse_moe.kernels.sdd_persistent")
+D = importlib.import_module("blocksparse_moe.kernels.dsd_persistent")
 SHAPES = (MIXTRAL, FINE_GRAINED)
 SMOKE = KernelShape("smoke-h64-f96-e7-k2-t40", "smoke", 40, 64, 96, 7, 2, 16)
 ROUTINGS = ("uniform", "skewed")
@@ -48,6 +55,11 @@ SWEEP = (  # TMA configs besides the default at BLOCK=128 (bf16): narrower tile,
     dict(BLOCK_K=64, BLOCKS_N=2, num_warps=8, num_stages=3),
     dict(BLOCK_K=128, BLOCKS_N=2, num_warps=8, num_stages=2),
     dict(BLOCK_K=64, BLOCKS_N=2, num_warps=8, num_stages=4, FLATTEN=True),
+)
+DSD_SWEEP = (  # dsd_persistent TMA configs besides the default 128x256x64/8 warps/4 stages
+    dict(BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=4),
+    dict(BLOCK_K=64, BLOCK_N=256, num_warps=8, num_stages=3),
+    dict(BLOCK_K=128, BLOCK_N=256, num_warps=8, num_stages=2),
 )
 
 
@@ -85,6 +97,14 @@ def plan_shape(shape: KernelShape, routing: str) -> dict:
         "w1 [E,H,N]": P.tma_problem("w1", meta(E, H, N), 2) or "ok",
         "w2^T view": P.tma_problem("w2^T", meta(E, N, H).transpose(1, 2), 1) or "ok",
     }
+    # The DSD y_sorted = blocks(h) @ w2: output tiles over [S, H], K = ffn.
+    dcfg = D.preferred_config(D.dsd_persistent_configs(bs, 2, use_tma=False))  # default_config's choice on a GPU
+    dtiles = R * triton.cdiv(H, dcfg["BLOCK_N"])
+    out["dsd"] = dict(default_config=dcfg, tiles=dtiles, grid_on_132_sms=min(132, dtiles), k_tail=N % bs != 0, tma={
+        "h_blocks": P.tma_problem("h_blocks", meta(topo.capacity, bs, bs), 2) or "ok",
+        "w2 [E,F,H]": P.tma_problem("w2", meta(E, N, H), 2) or "ok",
+        "down_proj^T view": P.tma_problem("down_proj^T", meta(E, H, N).transpose(1, 2), 1) or "ok",
+    })  # fmt: skip
     return out
 
 
@@ -159,7 +179,6 @@ def run_shape(run: Runner, shape: KernelShape, routing: str, sweep: bool):
     ref_t = run.record(base, "bwd sdd (w2^T)", lambda: P_sdd(x, w2t, topo), flops=c["flops"])
     run.record(base, "bwd sdd_persistent tma (w2^T)", lambda: P.sdd_persistent(x, w2t, topo, use_tma=True),
                check=(lambda out: (out, ref_t)) if ref_t is not None else None, flops=c["flops"])  # fmt: skip
-    del w2t
     if hasattr(torch, "_grouped_mm"):  # torch 2.13 has a CPU version too: --smoke runs it
         run.record(base, "grouped_mm", lambda: torch._grouped_mm(x, w1, offs=offs), flops=c["flops"])
     wd = w1[0].contiguous()  # dense [S, H] @ [H, N]: the same useful FLOPs as the SDD
@@ -180,13 +199,72 @@ def run_shape(run: Runner, shape: KernelShape, routing: str, sweep: bool):
             return act(gu[:, :N]) * gu[:, N:]
 
         run.record(base, "glu: grouped_mm [w1|v1] + torch epilogue", gmm_glu, flops=c["glu_flops"])
-    del x, w1, v1
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+
+
+def _rows_to_blocks(h_rows: torch.Tensor, topo) -> torch.Tensor:
+    """Sorted rows ``[S, ffn]`` into the block layout ``[capacity, bs, bs]`` (zeros in padding and spare blocks)."""
+    b, F, R = topo.block_size, topo.ffn_blocks, topo.max_block_rows
+    idx = topo.padded_row_to_sorted()
+    padded = h_rows.new_zeros(R * b, F * b)
+    padded[:, : h_rows.shape[1]] = torch.where((idx >= 0)[:, None], h_rows[idx.clamp_min(0)], 0)
+    return padded.view(R, b, F, b).permute(0, 2, 1, 3).contiguous().view(R * F, b, b)
+
+
+def run_dsd(run: Runner, shape: KernelShape, routing: str, sweep: bool):
+    """``y_sorted = blocks(h) @ w2`` and the combine after it, every implementation on the same operands."""
+    dev, dt = run.device, torch.bfloat16
+    plan, topo = _setup(shape, routing, dev)
+    S, H, N, E = plan.num_slots, shape.hidden, shape.ffn, shape.experts
+    c = _counts(shape)
+    gen = torch.Generator(device=dev).manual_seed(2)
+    h_rows = torch.randn(S, N, generator=gen, device=dev).to(dt)
+    h = _rows_to_blocks(h_rows, topo)
+    w2 = (torch.randn(E, N, H, generator=gen, device=dev) * N**-0.5).to(dt)
+    base = dict(shape=shape.name, routing=routing)
+    offs = plan.expert_offsets[1:].to(torch.int32).clone()
+    kern = importlib.import_module("blocksparse_moe.kernels")
+    ref = run.record(base, "dsd", lambda: kern.dsd(h, w2, topo), flops=c["flops"])
+    same = (lambda out: (out, ref)) if ref is not None else None
+    for tma in (False, True):
+        run.record(base, f"dsd_persistent {'tma' if tma else 'pointers'}",
+                   lambda tma=tma: D.dsd_persistent(h, w2, topo, use_tma=tma), check=same, flops=c["flops"])  # fmt: skip
+    for i, cfg in enumerate(DSD_SWEEP if sweep else ()):
+        run.record(dict(base, config=cfg), f"dsd_persistent tma sweep{i}",
+                   lambda cfg=cfg: D.dsd_persistent(h, w2, topo, use_tma=True, config=cfg), check=same,
+                   flops=c["flops"])  # fmt: skip
+    w2_k = w2.transpose(1, 2).contiguous().transpose(1, 2)  # down_proj [E, H, ffn] seen as w2: the same values
+    run.record(base, "dsd_persistent tma (down_proj^T)", lambda: D.dsd_persistent(h, w2_k, topo, use_tma=True),
+               check=same, flops=c["flops"])  # fmt: skip
+    if hasattr(torch, "_grouped_mm"):
+        run.record(base, "dsd: grouped_mm", lambda: torch._grouped_mm(h_rows, w2, offs=offs), check=same,
+                   flops=c["flops"])  # fmt: skip
+        run.record(base, "dsd: grouped_mm (down_proj^T)", lambda: torch._grouped_mm(h_rows, w2_k, offs=offs),
+                   check=same, flops=c["flops"])  # fmt: skip
+    # The combine: routing weights in the combine (today) or in the DSD's epilogue (then a gather-sum).
+    weights = torch.rand(plan.num_tokens, plan.top_k, generator=gen, device=dev)
+    row_weights = weights.reshape(-1)[plan.sorted_to_slot.long()]
+    k = plan.top_k
+    y_ref = run.record(base, "dsd + combine(weights)",
+                       lambda: kern.combine(kern.dsd(h, w2, topo), plan.slot_to_sorted, k, weights))  # fmt: skip
+    run.record(base, "dsd_persistent tma row_weights",
+               lambda: D.dsd_persistent(h, w2, topo, row_weights=row_weights, use_tma=True), flops=c["flops"])  # fmt: skip
+    run.record(base, "dsd_persistent tma row_weights + combine",
+               lambda: kern.combine(D.dsd_persistent(h, w2, topo, row_weights=row_weights, use_tma=True),
+                                    plan.slot_to_sorted, k),
+               check=(lambda out: (out, y_ref)) if y_ref is not None else None)  # fmt: skip
 
 
 def P_sdd(x, w, topo):  # noqa: N802 - the existing kernel, by import path (the package exports the function)
     return importlib.import_module("blocksparse_moe.kernels.sdd").sdd(x, w, topo)
+
+
+def _run(run: Runner, kernels: list[str], shape: KernelShape, routing: str, sweep: bool) -> None:
+    # Each function's operands are freed when it returns (no del: the timed lambdas hold them).
+    for name, fn in (("sdd", run_shape), ("dsd", run_dsd)):
+        if name in kernels:
+            fn(run, shape, routing, sweep)
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -196,11 +274,17 @@ def main(argv=None) -> int:
     ap.add_argument("--routing", default=",".join(ROUTINGS))
     ap.add_argument("--shapes", default="mixtral,fine", help="comma list of: mixtral, fine")
     ap.add_argument("--sweep", action="store_true", help="time a few TMA configs besides the default")
+    ap.add_argument("--kernels", default="sdd,dsd", help="comma list of: sdd (SDD and GLU rows), dsd")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the launch plan of the real shapes (CPU, no operands)")
+    mode.add_argument(
+        "--dry-run", action="store_true", help="print the launch plan of the real shapes (CPU, no operands)"
+    )
     mode.add_argument("--smoke", action="store_true", help="a tiny shape through every implementation on the CPU")
     args = ap.parse_args(argv)
     routings = args.routing.split(",")
+    kernels = args.kernels.split(",")
+    if not set(kernels) <= {"sdd", "dsd"}:
+        ap.error(f"--kernels must be a comma list of sdd, dsd; got {args.kernels!r}")
     shapes = [{"mixtral": MIXTRAL, "fine": FINE_GRAINED}[s] for s in args.shapes.split(",")]
     os.makedirs(args.out, exist_ok=True)
     if args.dry_run:
@@ -214,14 +298,14 @@ def main(argv=None) -> int:
             sys.exit("--smoke runs under the interpreter: set TRITON_INTERPRET=1")
         run = Runner(args.out, args.budget_s, torch.device("cpu"), smoke=True)
         for r in routings:
-            run_shape(run, SMOKE, r, sweep=False)
+            _run(run, kernels, SMOKE, r, sweep=False)
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: use --dry-run or --smoke on a CPU")
         run = Runner(args.out, args.budget_s, torch.device("cuda"), smoke=False)
         for r in routings:  # every shape's uniform run before any skewed one, should the budget end
             for s in shapes:
-                run_shape(run, s, r, args.sweep)
+                _run(run, kernels, s, r, args.sweep)
     bad = [r for r in run.records if "error" in r or r.get("rel_err_vs_sdd", 0) > 2e-2]
     print(f"{len(run.records)} records in {run.path}; {len(bad)} errors or mismatches")
     return 1 if bad else 0

@@ -197,3 +197,16 @@ def test_dsd_persistent_compiles_for_sm90():
     assert {"dsd tma", "dsd tma k-major w2 (down_proj^T)", "dsd tma row_weights", "dsd pointers"} <= names
     default = next(r for r in records if r["name"] == "dsd tma")["config"]
     assert (default["BLOCK_N"], default["BLOCK_K"], default["num_warps"]) == (256, 64, 8), default  # 128x256x64
+
+
+def test_device_benchmark_plans_the_dsd(tmp_path):
+    """The prepared device timing plans the DSD rows: the 128x256 tile, TMA eligible, no K tail at either shape."""
+    from benchmarks import persistent as bench
+
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--routing", "uniform"]) == 0
+    with open(tmp_path / "persistent-plan.json") as f:
+        plans = json.load(f)
+    for p in plans:
+        d = p["dsd"]
+        assert d["tma"] == {"h_blocks": "ok", "w2 [E,F,H]": "ok", "down_proj^T view": "ok"}, d["tma"]
+        assert (d["default_config"]["BLOCK_N"], d["default_config"]["BLOCK_K"]) == (256, 64) and not d["k_tail"]
