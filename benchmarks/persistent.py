@@ -60,6 +60,7 @@ DSD_SWEEP = (  # dsd_persistent TMA configs besides the default 128x256x64/8 war
     dict(BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=4),
     dict(BLOCK_K=64, BLOCK_N=256, num_warps=8, num_stages=3),
     dict(BLOCK_K=128, BLOCK_N=256, num_warps=8, num_stages=2),
+    dict(BLOCK_K=64, BLOCK_N=256, num_warps=8, num_stages=4, FLATTEN=True),
 )
 
 

@@ -79,6 +79,7 @@ def _dsd_persistent_kernel(
     ROW_WEIGHTS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    FLATTEN: tl.constexpr,  # let the pipeliner prefetch the next tile's K steps during this tile's epilogue
 ):
     """Grid ``(min(num_programs, num_tiles),)``; program ``p`` computes tiles ``p, p + P, ...``.
 
@@ -101,7 +102,7 @@ def _dsd_persistent_kernel(
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, K, N], strides=[stride_be, stride_bk, 1],
                                                block_shape=[1, BLOCK_K, BLOCK_N])  # fmt: skip
-    for t in tl.range(tl.program_id(0), num_tiles, num_programs):
+    for t in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         packed = tl.load(schedule_ptr + t)
         r = packed >> COL_BITS
         col0 = (packed & ((1 << COL_BITS) - 1)) * BLOCK_N
@@ -247,10 +248,10 @@ def dsd_persistent(h_blocks: torch.Tensor, w2: torch.Tensor, topo, out: torch.Te
     if topo.max_block_rows == 0 or N == 0:
         return out
     cfg = dict(default_config(bs, h_blocks.element_size()), **(config or {}))
-    unknown = set(cfg) - {"BLOCK_K", "BLOCK_N", "num_warps", "num_stages"}
+    unknown = set(cfg) - {"BLOCK_K", "BLOCK_N", "num_warps", "num_stages", "FLATTEN"}
     if unknown:
         raise ValueError(
-            f"{op}: config has unknown keys {sorted(unknown)}; expected BLOCK_K, BLOCK_N, num_warps, num_stages"
+            f"{op}: config has unknown keys {sorted(unknown)}; expected BLOCK_K, BLOCK_N, num_warps, num_stages, FLATTEN"
         )
     if cfg["BLOCK_N"] > 256:
         raise ValueError(f"{op}: config BLOCK_N={cfg['BLOCK_N']} > 256 columns (a TMA box's limit)")
@@ -287,7 +288,7 @@ def dsd_persistent(h_blocks: torch.Tensor, w2: torch.Tensor, topo, out: torch.Te
         row_weights.stride(0) if row_weights is not None else 0,
         BLOCK=bs, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], COL_BITS=max(1, (nt - 1).bit_length()),
         USE_TMA=bool(use_tma), B_K_MAJOR=bool(use_tma and k_major), K_TAIL=K % bs != 0,
-        ROW_WEIGHTS=row_weights is not None, UPCAST=needs_upcast(h_blocks.dtype), PRECISION=dot_precision(h_blocks.dtype),
+        FLATTEN=bool(cfg.get("FLATTEN", False)), ROW_WEIGHTS=row_weights is not None, UPCAST=needs_upcast(h_blocks.dtype), PRECISION=dot_precision(h_blocks.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

@@ -73,6 +73,7 @@ def _dsd_cases(compile_all: bool) -> list[dict]:
     add("dsd tma k-major w2 (down_proj^T)", True, k_major=True)
     add("dsd tma row_weights", True, row_weights=True)
     add("dsd tma k-tail (ffn % 128 != 0)", True, k_tail=True)
+    add("dsd tma flatten", True, cfg=dict(D.default_config(BLOCK, 2), FLATTEN=True))
     add("dsd pointers", False)
     add("dsd pointers row_weights", False, row_weights=True)
     if compile_all:
@@ -93,6 +94,7 @@ def _dsd_source(case: dict):
     constexprs = dict(
         BLOCK=BLOCK, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], COL_BITS=7, USE_TMA=case["use_tma"],
         B_K_MAJOR=case["k_major"], K_TAIL=case["k_tail"], ROW_WEIGHTS=case["row_weights"], UPCAST=False, PRECISION="tf32",
+        FLATTEN=cfg.get("FLATTEN", False),
     )  # fmt: skip
     return _signature(fn, constexprs, unit, case["dtype"], {"w_ptr": "fp32" if case["row_weights"] else case["dtype"]})
 

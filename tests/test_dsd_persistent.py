@@ -128,8 +128,9 @@ def test_config_and_schedule(device):
     plan, topo, rnd, h, (E, H, ffn) = _case(device, "prime-experts", torch.float16)
     w2 = rnd(E, ffn, H)
     for use_tma in (False, True):
-        out = P.dsd_persistent(h, w2, topo, use_tma=use_tma, config={"BLOCK_N": 64, "BLOCK_K": 16}, num_programs=4)
-        assert_close(out, _expect(h, w2, topo, None), **TOLERANCES[torch.float16], name="BLOCK_N=64 BLOCK_K=16")
+        for cfg in ({"BLOCK_N": 64, "BLOCK_K": 16}, {"BLOCK_N": 64, "FLATTEN": True}):
+            out = P.dsd_persistent(h, w2, topo, use_tma=use_tma, config=cfg, num_programs=4)
+            assert_close(out, _expect(h, w2, topo, None), **TOLERANCES[torch.float16], name=f"config {cfg}")
     nt = -(-H // 32)
     sched = P.dsd_tile_schedule(topo, H, 32).long().cpu()
     bits = max(1, (nt - 1).bit_length())
