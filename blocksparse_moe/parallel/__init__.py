@@ -18,7 +18,9 @@ A data-parallel x expert-parallel job passes a ``DeviceMesh`` with dims ``("dp",
 as ``group``, reduces with ``reduce_gradients(model)`` (experts over dp, the rest over
 dp x ep, DDP's mean), clips with ``clip_grad_norm_``, and checkpoints with
 ``save_sharded`` / ``load_sharded`` (keyed by global expert id: any layout reads any
-other's). ``placement=`` puts any expert on any rank (``ExpertPlacement``), and
+other's). ``placement=`` puts any expert on any rank, or on several ranks (a
+replicated hot expert: ``ExpertPlacement.from_ranks``, ``plan_placement(...,
+replicas=N)``; ``reduce_gradients`` sums its replicas' gradients), and
 ``collect_load_stats(model)`` reports each layer's load and traffic after a step.
 
 Two all-to-alls (tokens out, results back) wrap the block-sparse expert compute;
