@@ -70,13 +70,13 @@ def _row(name, ids, placement, R, base=None):
     m = placement_traffic(ids, placement, R)
     m["name"] = name
     if base is not None:
-        for key in ("cross_rank_copies", "cross_node_copies"):
+        for key in ("cross_node_rows", "cross_rank_copies", "cross_node_copies"):
             m[key + "_pct"] = 100.0 * (m[key] - base[key]) / base[key]
     return m
 
 
 def run(tokens: int = 16384, W: int = 8, R: int = 2, E: int = 64, k: int = 8, M: int = 2, seed: int = 0,
-        replicas: int = 8):  # fmt: skip
+        replicas: int = 8, node_replicas: int = 8):  # fmt: skip
     recorded, partner = skewed_trace(tokens, E, seed=seed, trace_seed=1)
     measured, _ = skewed_trace(tokens, E, seed=seed, trace_seed=2)
     ids_rec = recorded.topk(k, -1).indices
@@ -94,8 +94,13 @@ def run(tokens: int = 16384, W: int = 8, R: int = 2, E: int = 64, k: int = 8, M:
     for extra in (replicas, 8 * replicas):
         pl = plan_placement(routing_stats(ids_rec, E), W, R, replicas=extra)
         replicated[extra] = pl
-        rows.append(_row(f"data-driven placement + {extra} replicated hot experts ({max(pl.counts)} slots per rank), "
-                         "top-8", ids, pl, R, base))  # fmt: skip
+        rows.append(_row(f"data-driven placement + {extra} extra copies of the hottest experts "
+                         f"({max(pl.counts)} slots per rank), top-8", ids, pl, R, base))  # fmt: skip
+    # the hottest experts on every node: their rows never leave the token's node
+    pl = plan_placement(routing_stats(ids_rec, E), W, R, node_replicas=node_replicas)
+    replicated[f"node_replicas={node_replicas}"] = pl
+    rows.append(_row(f"data-driven placement, the {node_replicas} hottest experts on every node ({max(pl.counts)} "
+                     "slots per rank), top-8", ids, pl, R, base))  # fmt: skip
     # node-limited routing: the groups are the nodes of the placement in use
     nodes_uniform = torch.arange(E).view(N, E // N)
     nl = group_limited_topk(measured, k, nodes_uniform, M, 2)
@@ -121,12 +126,13 @@ def _plan_time(E=256, W=1024, R=8, tokens=8192, k=8):
 
 
 def format_table(rows, markdown: bool) -> str:
-    head = ["routing and placement", "balancedness", "cross-rank rows", "cross-rank copies", "cross-node copies"]
+    head = ["routing and placement", "balancedness", "cross-rank rows", "cross-node rows", "cross-rank copies",
+            "cross-node copies"]  # fmt: skip
     body = []
     for m in rows:
         pct = lambda key: "" if key + "_pct" not in m else f" ({m[key + '_pct']:+.0f}%)"  # noqa: E731
         body.append([m["name"], f"{m['balancedness']:.3f}", f"{m['cross_rank_rows']:,} of {m['rows']:,}",
-                     f"{m['cross_rank_copies']:,}{pct('cross_rank_copies')}",
+                     f"{m['cross_node_rows']:,}{pct('cross_node_rows')}", f"{m['cross_rank_copies']:,}{pct('cross_rank_copies')}",
                      f"{m['cross_node_copies']:,}{pct('cross_node_copies')}"])  # fmt: skip
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -145,17 +151,19 @@ def main(argv=None) -> None:
     p.add_argument("--topk-nodes", type=int, default=2, help="M of node-limited routing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replicas", type=int, default=8, help="extra copies of the hottest experts (and 8x that)")
+    p.add_argument("--node-replicas", type=int, default=8, help="hottest experts held on every node")
     p.add_argument("--markdown", action="store_true")
     a = p.parse_args(argv)
     rows, plan_ms, planned, pairs = run(a.tokens, a.world_size, a.ranks_per_node, M=a.topk_nodes, seed=a.seed,
-                                        replicas=a.replicas)  # fmt: skip
+                                        replicas=a.replicas, node_replicas=a.node_replicas)  # fmt: skip
     print(f"skewed trace: {a.tokens} tokens, E=64, top-8, Zipf 1.2 with 32 correlated pairs; W={a.world_size} "
           f"simulated, {a.ranks_per_node} ranks per node; planned on one trace, measured on another")  # fmt: skip
     print(format_table(rows, a.markdown))
     print(f"plan_placement: {plan_ms:.1f} ms here; E=256, W=1024, 8 ranks per node: {_plan_time():.0f} ms")
     for n, copies in pairs["replicated"].items():
         hot = sorted(((c, e) for e, c in enumerate(copies) if c > 1), reverse=True)
-        print(f"replicas={n}: copies per replicated expert {', '.join(f'{e}: {c}' for c, e in hot)}")
+        label = n if isinstance(n, str) else f"replicas={n}"
+        print(f"{label}: copies per replicated expert {', '.join(f'{e}: {c}' for c, e in hot)}")
     print(f"data-driven placement: {100 * pairs['same_node']:.0f}% of the experts share a node with their correlated "
           f"partner, {100 * pairs['same_rank']:.0f}% a rank; {planned.describe()}")  # fmt: skip
 

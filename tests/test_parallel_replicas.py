@@ -132,6 +132,26 @@ def test_plan_placement_with_replicas_balances_and_counts_slots():
     assert sum(b["rows_per_rank"]) == ids.numel()
 
 
+def test_plan_placement_node_replicas_puts_the_hottest_on_every_node():
+    ids = _trace()
+    stats = routing_stats(ids, 16)
+    W, R = 8, 2  # 4 nodes
+    pl = plan_placement(stats, W, R, node_replicas=3)
+    hot = stats.tokens_per_expert.argsort(descending=True, stable=True)[:3].tolist()
+    for e in range(16):
+        nodes = sorted(r // R for r in pl.ranks[e])
+        assert nodes == ([0, 1, 2, 3] if e in hot else nodes[:1]), (e, pl.ranks[e])  # one copy on each node
+    assert pl.num_slots == 16 + 3 * 3 and max(pl.counts) <= -(-(16 + 9) // W)
+    assert pl == plan_placement(stats, W, R, node_replicas=3)  # deterministic
+    # rows of those experts never cross a node: the rule finds the copy on the token's node
+    only_hot = torch.tensor(hot)[torch.randint(0, 3, (64, 1), generator=torch.Generator().manual_seed(0))]
+    assert placement_traffic(only_hot, pl, R)["cross_node_rows"] == 0
+    assert placement_traffic(only_hot, plan_placement(stats, W, R), R)["cross_node_rows"] > 0
+    with pytest.raises(ValueError, match=r"node_replicas must be an int in \[0, num_experts=16\] .*, got 17"):
+        plan_placement(stats, W, R, node_replicas=17)
+    assert not plan_placement(stats, W, node_replicas=3).replicated  # one node: nothing to copy
+
+
 def test_plan_placement_replica_arguments():
     stats = routing_stats(_trace(), 16)
     with pytest.raises(ValueError, match=r"replicas must be an int >= 0 \(extra expert copies\), got -1"):

@@ -136,8 +136,10 @@ def test_benchmark_runs_small(capsys):
     rows, _, plan, pairs = bench.run(tokens=1024)
     names = [r["name"].split(",")[0] for r in rows]
     assert names[:2] == names[-2:] == ["uniform placement", "data-driven placement"]
-    replicated = [r for r in rows if "replicated hot experts" in r["name"]]
-    assert len(replicated) == 2 and all(r["balancedness"] > rows[0]["balancedness"] for r in replicated)
+    replicated = [r for r in rows if "extra copies" in r["name"] or "on every node" in r["name"]]
+    assert len(replicated) == 3 and all(r["balancedness"] > rows[0]["balancedness"] for r in replicated)
+    (every_node,) = [r for r in rows if "on every node" in r["name"]]
+    assert every_node["cross_node_rows"] < rows[0]["cross_node_rows"]
     assert rows[-2]["cross_node_copies"] < rows[0]["cross_node_copies"]  # node-limited: at most 2 of 4 nodes
     assert "| routing and placement |" in bench.format_table(rows, markdown=True)
     assert 0 <= pairs["same_rank"] <= pairs["same_node"] <= 1

@@ -36,6 +36,13 @@ when there are several nodes (so a token finds a copy on its own node more often
 ``experts_per_rank`` then counts slots (copies): default ``ceil((E + N) / W)``.
 Without replicas an expert whose load alone is above the limit stays alone and caps
 the balance; replicating it is what lifts that cap.
+
+**Experts on every node** (``node_replicas=M``): the ``M`` hottest experts get one
+copy on each node (``N - 1`` extra copies each, before ``replicas``). Copy ``c`` is
+fixed to node ``c`` and these copies are placed first; the rest of the greedy is
+unchanged. The replica rule then sends a token's row for such an expert to the copy on
+the token's node, so those rows never cross a node boundary: this is the option for
+traffic, ``replicas`` the one for balance.
 """
 
 from __future__ import annotations
@@ -129,11 +136,12 @@ def _as_arrays(stats) -> tuple[np.ndarray, np.ndarray]:
     return load, co
 
 
-def _greedy(items, load, co, num_bins, room, limit, expert=None, per_bin=None):
+def _greedy(items, load, co, num_bins, room, limit, expert=None, per_bin=None, fixed=None):
     """Assign ``items`` (already in placement order) to bins; returns the bin of each item.
 
     ``expert[item]``: the expert an item is a copy of, ``per_bin[e]`` the most copies of
-    expert ``e`` one bin may take (``None``: no copies).
+    expert ``e`` one bin may take (``None``: no copies). ``fixed[item]``: a bin the item
+    must take, or -1 (such items come first in ``items``, so that their bins have room).
     """
     bin_load = np.zeros(num_bins)
     bin_free = np.full(num_bins, room, dtype=np.int64)
@@ -160,7 +168,9 @@ def _greedy(items, load, co, num_bins, room, limit, expert=None, per_bin=None):
         reserve = tail[np.clip(bin_free - 1, 0, len(tail) - 1)]
         final = bin_load + li + reserve
         fits = open_ & (final <= limit)
-        if fits.any():
+        if fixed is not None and fixed[items[i]] >= 0:
+            b = int(fixed[items[i]])
+        elif fits.any():
             # most affinity, then least load, then lowest index (argmax takes the first)
             key = np.where(fits, aff[i] - 1e-12 * bin_load, -np.inf)
             b = int(np.argmax(key))
@@ -230,10 +240,12 @@ def _swap_pass(items, load, co, where, num_bins, limit, passes=3, expert=None, p
     return where
 
 
-def _copies(load: np.ndarray, replicas: int, W: int) -> np.ndarray:
-    """Copies per expert: one each, then ``replicas`` more, each to the largest load per copy (ties by id)."""
+def _copies(load: np.ndarray, replicas: int, W: int, node_replicas: int = 0, N: int = 1) -> np.ndarray:
+    """Copies per expert: one each, ``N`` (one per node) for the ``node_replicas`` hottest (ties by id), then
+    ``replicas`` more, each to the largest load per copy (ties by id)."""
     E = load.shape[0]
     n = np.ones(E, dtype=np.int64)
+    n[np.lexsort((np.arange(E), -load))[:node_replicas]] = N
     for _ in range(replicas):
         per = np.where(n < W, load / n, -np.inf)
         if not np.isfinite(per).any():
@@ -251,6 +263,7 @@ def plan_placement(
     slack: float = 0.05,
     swap_passes: int = 3,
     replicas: int = 0,
+    node_replicas: int = 0,
 ) -> ExpertPlacement:
     """A placement of ``E`` experts over ``world_size`` ranks that balances load and co-locates co-selected experts.
 
@@ -261,13 +274,17 @@ def plan_placement(
         ranks_per_node: ``R``; ranks ``n*R .. (n+1)*R - 1`` form node ``n`` (the
             layout of consecutive ``ep`` ranks). ``None``: one node of ``W`` ranks.
         experts_per_rank: most expert copies (slots) on one rank (its memory); default
-            ``ceil((E + replicas) / W)``, so every rank holds ``E / W`` when ``W``
+            ``ceil((E + extra copies) / W)``, so every rank holds ``E / W`` when ``W``
             divides ``E`` and there are no replicas.
         slack: allowed bin load above the mean, as a fraction, before affinity must
             give way to balance.
         swap_passes: refinement passes per level (0: the greedy alone).
         replicas: extra copies of the hottest experts (see the module docstring);
             0 (default): one replica per expert.
+        node_replicas: the ``node_replicas`` hottest experts are held on **every node**
+            (one copy per node, ``W / R - 1`` extra copies each, before ``replicas``):
+            the replica rule then keeps their rows on the token's node, so they cross
+            no node boundary. For traffic; ``replicas`` is for balance.
 
     Returns:
         An :class:`ExpertPlacement`, the same for the same inputs on every machine.
@@ -282,30 +299,45 @@ def plan_placement(
         raise ValueError(f"ranks_per_node must be a positive int dividing world_size={W}, got {ranks_per_node!r}")
     if not _is_int(replicas) or replicas < 0:
         raise ValueError(f"replicas must be an int >= 0 (extra expert copies), got {replicas!r}")
-    S = E + replicas
+    N = W // R
+    if not _is_int(node_replicas) or not 0 <= node_replicas <= E:
+        raise ValueError(
+            f"node_replicas must be an int in [0, num_experts={E}] (experts on every node), got {node_replicas!r}"
+        )
+    extra = replicas + node_replicas * (N - 1)
+    S = E + extra
     cap = math.ceil(S / W) if experts_per_rank is None else experts_per_rank
     if not _is_int(cap) or cap < 1 or cap * W < S:
-        need = f"num_experts={E}" if not replicas else f"num_experts + replicas={S} (it counts every copy)"
+        need = f"num_experts={E}" if not extra else f"num_experts + replicas={S} (it counts every copy)"
         raise ValueError(f"experts_per_rank must be an int with experts_per_rank * world_size >= {need}, got {cap!r}")
     if not isinstance(slack, (int, float)) or isinstance(slack, bool) or not 0 <= slack < math.inf:
         raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
     if not _is_int(swap_passes) or swap_passes < 0:
         raise ValueError(f"swap_passes must be an int >= 0, got {swap_passes!r}")
-    N = W // R
-    copies = _copies(load, replicas, W)
+    copies = _copies(load, replicas, W, node_replicas, N)
     expert = np.repeat(np.arange(E), copies)  # item -> its expert; the copies of an expert are adjacent
     share = 1.0 / copies[expert]
     load_x = load[expert] * share  # each copy takes an even share of the rows (the replica rule)
     co_x = co[np.ix_(expert, expert)] * share[:, None] * share[None, :] * copies[expert][:, None]
     co_x[expert[:, None] == expert[None, :]] = 0.0  # copies of one expert never share a token
-    ex = expert if replicas else None
+    ex = expert if extra else None
     one = np.ones(E, dtype=np.int64)  # a rank holds an expert at most once
     spread = -(-copies // N)  # a node: ceil(copies / N), so the copies spread over the nodes first
     total = float(load_x.sum())
-    order = np.lexsort((np.arange(len(expert)), -load_x))  # decreasing load, ties by item (expert, then copy)
+    # An expert on every node: its copy c goes to node c, and these copies are placed first,
+    # so that no node is full before it gets them.
+    fixed = None
+    if node_replicas and N > 1:
+        on_every_node = np.zeros(E, dtype=bool)
+        on_every_node[np.lexsort((np.arange(E), -load))[:node_replicas]] = True  # as _copies chose them
+        copy_index = np.arange(len(expert)) - (np.cumsum(copies) - copies)[expert]  # c of item = copy c of e
+        fixed = np.where(on_every_node[expert] & (copy_index < N), copy_index, -1)
+    # decreasing load, ties by item (expert, then copy); the fixed copies first
+    first = np.zeros(len(expert)) if fixed is None else fixed < 0
+    order = np.lexsort((np.arange(len(expert)), -load_x, first))
     # Level 1: nodes (the copies of one expert on as many nodes as they can).
     node_limit = (1 + slack) * total / N
-    node = _greedy(order, load_x, co_x, N, R * cap, node_limit, ex, spread)
+    node = _greedy(order, load_x, co_x, N, R * cap, node_limit, ex, spread, fixed)
     if swap_passes:
         node = _swap_pass(order, load_x, co_x, node, N, node_limit, swap_passes, ex, spread)
     where = np.empty(len(expert), dtype=np.int64)
@@ -337,7 +369,8 @@ def placement_traffic(
     ``W`` equal consecutive blocks, as data parallelism shards a batch). Returns a dict
     of Python numbers: ``rows_per_rank`` (list), ``balancedness`` (mean / max),
     ``cross_rank_rows`` (rows to an expert on another rank: what the all-to-all sends
-    today), ``cross_rank_copies`` / ``cross_node_copies`` (distinct (token, rank) or
+    today), ``cross_node_rows`` (those of them whose expert is on another node),
+    ``cross_rank_copies`` / ``cross_node_copies`` (distinct (token, rank) or
     (token, node) destinations other than home: what a dispatch sending each token
     once per destination sends, the quantity co-location and node-limited routing
     reduce), and the ``rows`` in all.
@@ -377,5 +410,6 @@ def placement_traffic(
         balancedness=mean / top if top > 0 else 1.0,
         cross_rank_rows=cross_rows,
         cross_rank_copies=copies(dest, home, W),
+        cross_node_rows=int((dest // R != (home // R)[:, None]).sum()),
         cross_node_copies=copies(dest // R, home // R, W // R),
     )
