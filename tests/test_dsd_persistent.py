@@ -146,7 +146,12 @@ def test_bad_arguments_are_named(device):
     odd = rnd(E, ffn, H + 1)[:, :, :H]  # row stride 41 floats: neither orientation is a TMA layout
     with pytest.raises(ValueError, match=r"w2\.stride\(1\)"):
         P.dsd_persistent(h, odd, topo, use_tma=True)
+    shifted = torch.empty(h.numel() + 1, dtype=h.dtype, device=device)[1:].view(h.shape)  # base 4 bytes off 16
+    shifted.copy_(h)
+    with pytest.raises(ValueError, match="h_blocks's data pointer must be 16-byte aligned"):
+        P.dsd_persistent(shifted, w2, topo, use_tma=True)
     expect = _expect(h, w2, topo, None)
+    assert_close(P.dsd_persistent(shifted, w2, topo), expect, **TOLERANCES[torch.float32], name="unaligned, auto")
     assert_close(
         P.dsd_persistent(h, odd, topo, use_tma=False), _expect(h, odd, topo, None), **TOLERANCES[torch.float32]
     )
