@@ -21,9 +21,15 @@ consecutive ``T / W`` of them. For each row of the table:
   uniform placement.
 
 The replicated rows plan ``--replicas`` (default 8) extra copies of the hottest
-experts, and 8 times that, with ``plan_placement(..., replicas=N)``, and send each row
-to the replica the layer's rule picks (own rank, own node, then an even spread:
-``parallel/replicas.py``), through the same ``placement_traffic``.
+experts, and 8 times that, with ``plan_placement(..., replicas=N)``, and the
+``--node-replicas`` (default 8) hottest experts on every node
+(``plan_placement(..., node_replicas=M)``), and send each row to the replica the
+layer's rule picks (own rank, own node, then an even spread: ``parallel/replicas.py``),
+through the same ``placement_traffic``.
+
+The expert-choice row routes the same scores the other way, as ``ExpertParallelDMoE``
+does: on each rank every expert takes its ``C = ceil(T_r k / E)`` best tokens of that
+rank (capacity factor 1), so every expert computes exactly ``C`` rows per rank.
 
 Run: ``python -m benchmarks.placement`` (about 10 s on a CPU); ``--markdown`` prints
 the table for docs/parallel.md.
@@ -36,6 +42,7 @@ import time
 
 import torch
 
+from blocksparse_moe.expert_choice import expert_choice_route
 from blocksparse_moe.parallel import ExpertPlacement, plan_placement
 from blocksparse_moe.parallel.planning import placement_traffic, routing_stats
 from blocksparse_moe.router import group_limited_topk
@@ -69,6 +76,39 @@ def skewed_trace(num_tokens: int, num_experts: int = 64, zipf: float = 1.2, seed
 def _row(name, ids, placement, R, base=None):
     m = placement_traffic(ids, placement, R)
     m["name"] = name
+    if base is not None:
+        for key in ("cross_node_rows", "cross_rank_copies", "cross_node_copies"):
+            m[key + "_pct"] = 100.0 * (m[key] - base[key]) / base[key]
+    return m
+
+
+def expert_choice_traffic(scores: torch.Tensor, placement: ExpertPlacement, R: int, k: int, base=None) -> dict:
+    """``placement_traffic``'s figures for expert choice per rank (one placement replica per expert)."""
+    T, E = scores.shape
+    W = placement.world_size
+    tok, exp = [], []
+    for r in range(W):  # the ranks' consecutive token blocks, as placement_traffic homes them
+        lo, hi = r * T // W, (r + 1) * T // W
+        C = min(hi - lo, -(-(hi - lo) * k // E))
+        picks, _ = expert_choice_route(scores[lo:hi], C)  # [E, C] token indices within the block
+        tok.append((picks + lo).reshape(-1))
+        exp.append(torch.arange(E).repeat_interleave(C))
+    tok, exp = torch.cat(tok), torch.cat(exp)
+    home = tok * W // T
+    dest = torch.tensor(placement.owners)[exp]
+    rows_per_rank = torch.bincount(dest, minlength=W)
+    distinct = lambda a, n: int(torch.unique(tok * n + a).numel())  # noqa: E731 - (token, destination) pairs
+    m = dict(
+        rows=int(tok.numel()),
+        rows_per_rank=rows_per_rank.tolist(),
+        balancedness=float(rows_per_rank.double().mean() / rows_per_rank.max()),
+        cross_rank_rows=int((dest != home).sum()),
+        cross_node_rows=int((dest // R != home // R).sum()),
+        # distinct destinations other than home: all distinct minus the tokens that have a row at home
+        cross_rank_copies=distinct(dest, W) - int(torch.unique(tok[dest == home]).numel()),
+        cross_node_copies=distinct(dest // R, W // R) - int(torch.unique(tok[dest // R == home // R]).numel()),
+        unrouted_tokens=T - int(torch.unique(tok).numel()),
+    )
     if base is not None:
         for key in ("cross_node_rows", "cross_rank_copies", "cross_node_copies"):
             m[key + "_pct"] = 100.0 * (m[key] - base[key]) / base[key]
@@ -110,6 +150,11 @@ def run(tokens: int = 16384, W: int = 8, R: int = 2, E: int = 64, k: int = 8, M:
     )
     nl2 = group_limited_topk(measured, k, nodes_planned, M, 2)
     rows.append(_row(f"data-driven placement, node-limited top-8 (M={M})", nl2, planned, R, base))
+    ec = expert_choice_traffic(measured, uniform, R, k, base)
+    ec["name"] = (
+        f"uniform placement, expert choice (capacity factor 1, per rank; {ec['unrouted_tokens']:,} tokens unrouted)"
+    )
+    rows.append(ec)
     own = torch.tensor(planned.owners)
     pairs = dict(same_rank=float((own == own[partner]).double().mean()),
                  same_node=float((own // R == own[partner] // R).double().mean()))  # fmt: skip

@@ -135,11 +135,13 @@ def test_benchmark_runs_small(capsys):
 
     rows, _, plan, pairs = bench.run(tokens=1024)
     names = [r["name"].split(",")[0] for r in rows]
-    assert names[:2] == names[-2:] == ["uniform placement", "data-driven placement"]
+    assert names[:2] == names[-3:-1] == ["uniform placement", "data-driven placement"]
+    choice = rows[-1]  # expert choice per rank: every expert takes C rows on every rank
+    assert "expert choice" in choice["name"] and choice["balancedness"] == 1.0 and choice["rows"] == 1024 * 8
     replicated = [r for r in rows if "extra copies" in r["name"] or "on every node" in r["name"]]
     assert len(replicated) == 3 and all(r["balancedness"] > rows[0]["balancedness"] for r in replicated)
     (every_node,) = [r for r in rows if "on every node" in r["name"]]
     assert every_node["cross_node_rows"] < rows[0]["cross_node_rows"]
-    assert rows[-2]["cross_node_copies"] < rows[0]["cross_node_copies"]  # node-limited: at most 2 of 4 nodes
+    assert rows[-3]["cross_node_copies"] < rows[0]["cross_node_copies"]  # node-limited: at most 2 of 4 nodes
     assert "| routing and placement |" in bench.format_table(rows, markdown=True)
     assert 0 <= pairs["same_rank"] <= pairs["same_node"] <= 1
