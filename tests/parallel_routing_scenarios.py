@@ -34,7 +34,7 @@ def _full(cfg):
 
 
 def run_routing_case(rank, W, *, tokens, E, k, routing="token_choice", shared=0, gate=False, glu=False,
-                     capacity_factor=1.0, ep_options=None):  # fmt: skip
+                     capacity_factor=1.0, ep_options=None, **cfg_extra):  # fmt: skip
     import torch
 
     from blocksparse_moe import MoEConfig, dMoE
@@ -43,7 +43,7 @@ def run_routing_case(rank, W, *, tokens, E, k, routing="token_choice", shared=0,
     H, ffn = 32, 40
     cfg = MoEConfig(hidden_size=H, ffn_hidden_size=ffn, num_experts=E, top_k=k, block_size=16, backend="torch",
                     routing=routing, num_shared_experts=shared, shared_expert_gate=gate, glu=glu,
-                    capacity_factor=capacity_factor)  # fmt: skip
+                    capacity_factor=capacity_factor, **cfg_extra)  # fmt: skip
     full = _full(cfg)
     xs = make_inputs(tokens, H)
     gs = make_inputs(tokens, H, seed=2)
@@ -89,6 +89,13 @@ def run_routing_case(rank, W, *, tokens, E, k, routing="token_choice", shared=0,
             compare(f"d {name}", p.grad, ref_params[name].grad, ROUTER_TOL)
     # send_rows is None in the fixed-capacity mode (it sends whole chunks)
     res = {"tokens": tokens[rank], "unrouted": int(aux.unrouted_tokens), "send_rows": aux.all_to_all.send_rows or []}
+    groups, M = cfg_extra.get("router_groups"), cfg_extra.get("router_topk_groups")
+    if groups is not None:  # group-limited: a token's experts lie in at most M groups, so on at most M * W / G ranks
+        owner = torch.tensor(ep.placement.owners)
+        most_groups = max((len(set((row // (E // groups)).tolist())) for row in aux.expert_ids), default=0)
+        most_ranks = max((len(set(owner[row].tolist())) for row in aux.expert_ids), default=0)
+        assert most_groups <= M and most_ranks <= M * max(1, W // groups), (most_groups, most_ranks, M, W, groups)
+        res["most_ranks_per_token"] = most_ranks
     if routing == "expert_choice":
         with torch.no_grad():
             _, ref_aux = ref(xs[rank], return_aux=True)
@@ -115,6 +122,10 @@ _case("shared_gated_mlp", tokens=[7, 11, 0, 6], E=7, k=3, shared=1, gate=True)
 _case("choice_basic", tokens=[13, 0, 9, 5], E=5, k=2, routing="expert_choice")
 _case("choice_glu_shared", tokens=[12, 7, 0, 9], E=7, k=2, routing="expert_choice", glu=True, shared=1, gate=True,
       capacity_factor=1.5)  # fmt: skip
+# Group-limited routing (DeepSeek-V3: the groups as nodes): at most M groups, so M * W / G ranks, per token.
+_case("limited_softmax", tokens=[13, 0, 9, 5], E=8, k=3, router_topk_groups=1, router_groups=2)
+_case("limited_sigmoid_bias", tokens=[7, 11, 4, 0], E=8, k=2, router_topk_groups=1, router_groups=2,
+      router_score="sigmoid", router_selection_bias=True, router_renormalize=True, shared=1, glu=True)  # fmt: skip
 # k = E with capacity factor 1: every expert picks every token.
 _case("choice_all_tokens", tokens=[6, 4, 5, 3], E=3, k=3, routing="expert_choice")
 _case("choice_node", tokens=[10, 6, 0, 8], E=8, k=2, routing="expert_choice",

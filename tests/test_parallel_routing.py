@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 CASES = ["shared_token_choice", "shared_gated_mlp", "choice_basic", "choice_glu_shared", "choice_all_tokens",
-         "choice_node", "choice_fixed_capacity", "shared_beside_counts"]  # fmt: skip
+         "choice_node", "choice_fixed_capacity", "shared_beside_counts", "limited_softmax",
+         "limited_sigmoid_bias"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
