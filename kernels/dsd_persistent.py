@@ -21,8 +21,8 @@ from ``torch.empty``. Organised as ``sdd_persistent.py``:
   (transformers' ``down_proj [E, H, ffn]`` transposed). The ``w2`` box zero-fills past
   ``K`` and ``N``; ``h_blocks``' columns past ``K`` in the last block are not zero-filled
   (they are inside the tensor, and may hold anything: ``dsd`` masks them), so when
-  ``K % bs != 0`` (``K_TAIL``) the loaded tile is masked in registers. At the two
-  issue-15 shapes ``K`` is a multiple of 128 and that mask compiles away.
+  ``K % bs != 0`` (``K_TAIL``) the last K step, peeled off the loop, masks its tile in
+  registers. At the two issue-15 shapes ``K`` is a multiple of 128 and there is no tail.
 * **Routing weights** (``row_weights [S]``, sorted order): each output row is scaled in
   fp32 before its one rounding, so the top-k combine afterwards is a plain gather-sum
   (``permute.combine`` with ``weights=None``).
@@ -121,26 +121,46 @@ def _dsd_persistent_kernel(
             + offs_k.to(tl.int64)[:, None] * stride_bk
             + cols.to(tl.int64)[None, :] * stride_bn
         )
-        for ks in range(0, steps):
+        # TMA with a K tail: the last step (the only one reaching past K) is peeled off, so
+        # the main loop's A tiles stay in shared memory for wgmma (a masked tile goes
+        # through registers: tests/sm90_persistent_worker.py's "k-tail" case).
+        main_steps = steps
+        if USE_TMA:
+            if K_TAIL:
+                main_steps = tl.maximum(steps - 1, 0)
+        for ks in range(0, main_steps):
             k0 = ks * BLOCK_K
             f = k0 // BLOCK  # BLOCK_K divides BLOCK: a step never straddles two blocks
             kk = k0 % BLOCK
-            k_mask = offs_k < K - k0
             if USE_TMA:
                 a = a_desc.load([first + f, 0, kk]).reshape(BLOCK, BLOCK_K)
-                if K_TAIL:
-                    a = tl.where(k_mask[None, :], a, 0.0)
                 if B_K_MAJOR:
                     b = tl.trans(b_desc.load([e, col0, k0]).reshape(BLOCK_N, BLOCK_K))
                 else:
                     b = b_desc.load([e, k0, col0]).reshape(BLOCK_K, BLOCK_N)
             else:
+                k_mask = offs_k < K - k0
                 a = tl.load(a_row + f * (BLOCK * BLOCK) + kk, mask=k_mask[None, :], other=0.0)
                 b = tl.load(b_ptr + b_off + k0 * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if USE_TMA:
+            if K_TAIL:
+                if steps > 0:
+                    k0 = (steps - 1) * BLOCK_K
+                    a = a_desc.load([first + k0 // BLOCK, 0, k0 % BLOCK]).reshape(BLOCK, BLOCK_K)
+                    # The data past K is inside the tensor, so TMA does not zero-fill it.
+                    a = tl.where((offs_k < K - k0)[None, :], a, 0.0)
+                    if B_K_MAJOR:
+                        b = tl.trans(b_desc.load([e, col0, k0]).reshape(BLOCK_N, BLOCK_K))
+                    else:
+                        b = b_desc.load([e, k0, col0]).reshape(BLOCK_K, BLOCK_N)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if ROW_WEIGHTS:
             # fp32 scale before the one rounding of the store: y = w * (h @ w2) exactly as the combine did it.
             w = tl.load(w_ptr + rows.to(tl.int64) * stride_w, mask=row_mask, other=0.0).to(tl.float32)
