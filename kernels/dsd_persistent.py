@@ -162,7 +162,7 @@ def _dsd_persistent_kernel(
                         b = b.to(tl.float32)
                     acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if ROW_WEIGHTS:
-            # fp32 scale before the one rounding of the store: y = w * (h @ w2) exactly as the combine did it.
+            # In fp32, before the store's one rounding (the weighted combine rounds y_sorted, then scales it).
             w = tl.load(w_ptr + rows.to(tl.int64) * stride_w, mask=row_mask, other=0.0).to(tl.float32)
             acc = acc * w[:, None]
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on
