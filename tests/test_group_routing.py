@@ -131,8 +131,14 @@ def test_plain_state_dict_names_unchanged():
     assert shared.shared_expert.up_proj.weight.shape == (64, 16)
 
 
-def test_expert_parallel_refuses_what_it_cannot_compute():
+def test_expert_parallel_layer_builds_shared_experts():
+    """The expert-parallel layer computes shared experts (tests/test_parallel_routing.py); its share of the
+    routed experts comes from add_expert_parameters, the shared ones from add_shared_experts, as in dMoE."""
     from blocksparse_moe.layers import add_expert_parameters
+    from blocksparse_moe.shared_expert import add_shared_experts
 
-    with pytest.raises(ValueError, match=r"num_shared_experts=1, routing='token_choice' are supported by dMoE / MoE"):
-        add_expert_parameters(torch.nn.Module(), MoEConfig(16, 32, 4, num_shared_experts=1), 2)
+    m = torch.nn.Module()
+    cfg = MoEConfig(16, 32, 4, num_shared_experts=1)
+    add_expert_parameters(m, cfg, 2)
+    add_shared_experts(m, cfg)
+    assert m.w1.shape == (2, 16, 32) and m.shared_expert.up_proj.weight.shape == (32, 16)
