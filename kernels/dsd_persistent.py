@@ -41,8 +41,7 @@ import triton.language as tl
 
 from .checks import check_block_data, check_same, check_tensor
 from .config import _fits, _registers_fit, dot_precision, interpreting, needs_upcast
-from .sdd_persistent import _SCHEDULE_TILE, _default_programs, _ensure_allocator, _schedule_kernel, tma_problem
-from .tiling import GROUP
+from .sdd_persistent import _default_programs, _ensure_allocator, schedule_tiles, tma_problem
 
 
 @triton.jit
@@ -212,18 +211,7 @@ def dsd_tile_schedule(topo, n: int, block_n: int) -> torch.Tensor:
     Depends only on ``topo``, ``n`` and ``block_n``: several DSDs over one topology and
     width may share it (``schedule=``).
     """
-    R, F = topo.max_block_rows, topo.ffn_blocks
-    nt = triton.cdiv(n, block_n)
-    col_bits = max(1, (nt - 1).bit_length())
-    if R >= 1 << (31 - col_bits):
-        raise ValueError(f"dsd_persistent: {R} block rows x {nt} column tiles do not pack into an int32 schedule "
-                         f"(block rows must be < 2**{31 - col_bits})")  # fmt: skip
-    schedule = torch.empty(R * nt, dtype=torch.int32, device=topo.device)
-    if R * nt:
-        _schedule_kernel[(triton.cdiv(R * nt, _SCHEDULE_TILE),)](
-            topo.offsets, schedule, R, F, nt, COL_BITS=col_bits, GROUP=GROUP, TILE=_SCHEDULE_TILE
-        )
-    return schedule
+    return schedule_tiles(topo, triton.cdiv(n, block_n), "dsd_persistent")
 
 
 def _b_k_major(w2: torch.Tensor) -> tuple[bool, str | None]:

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_block_args, check_same, check_tensor
-from .config import _fits, _registers_fit, autotuning, dot_precision, interpreting, needs_upcast
+from .config import _fits, _registers_fit, dot_precision, interpreting, needs_upcast
 from .tiling import GROUP
 
 _TMA_ALIGN = 16  # bytes: TMA needs a 16-byte aligned base and 16-byte multiple strides
@@ -264,11 +264,15 @@ def tile_schedule(topo, blocks_n: int) -> torch.Tensor:
     Depends only on ``topo`` and ``blocks_n``: a caller running several products over
     one topology (forward and backward) may build it once and pass it as ``schedule=``.
     """
+    return schedule_tiles(topo, triton.cdiv(topo.ffn_blocks, blocks_n), "sdd_persistent")
+
+
+def schedule_tiles(topo, nt: int, what: str) -> torch.Tensor:
+    """``[R * nt]`` int32 tiles ``r << COL_BITS | c`` over ``nt`` column tiles, active block rows first (SDD and DSD)."""
     R, F = topo.max_block_rows, topo.ffn_blocks
-    nt = triton.cdiv(F, blocks_n)
     col_bits = max(1, (nt - 1).bit_length())
     if R >= 1 << (31 - col_bits):
-        raise ValueError(f"sdd_persistent: {R} block rows x {nt} column tiles do not pack into an int32 schedule "
+        raise ValueError(f"{what}: {R} block rows x {nt} column tiles do not pack into an int32 schedule "
                          f"(block rows must be < 2**{31 - col_bits})")  # fmt: skip
     schedule = torch.empty(R * nt, dtype=torch.int32, device=topo.device)
     if R * nt:
