@@ -20,9 +20,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -176,29 +173,9 @@ def test_bad_arguments_are_named(device):
 
 def test_dsd_persistent_compiles_for_sm90():
     """The default bf16 BLOCK=128 DSD launches: HGMMA, UTMALDG exactly with descriptors, no local memory."""
-    triton = pytest.importorskip("triton")
-    from test_sdd_persistent import _problems  # the same checks as the SDD's records
+    from test_sdd_persistent import sm90_records  # the same worker and checks as the SDD's records
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.access(cuobjdump, os.X_OK):
-        pytest.skip(f"no cuobjdump in the triton wheel ({cuobjdump}): cannot inspect sm_90 code here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_persistent_worker.py")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "records.json")
-        cmd = [sys.executable, worker, path, "dsd"] + (["all"] if os.environ.get("BSMOE_COMPILE_ALL") == "1" else [])
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        assert run.returncode == 0, run.stderr[-3000:]
-        with open(path) as f:
-            records = json.load(f)
-    if os.environ.get("BSMOE_COMPILE_REPORT"):
-        with open(os.environ["BSMOE_COMPILE_REPORT"], "w") as f:
-            json.dump(records, f, indent=1)
-    for r in records:
-        if r.get("ok"):
-            print(f"{r['name']}: REG {r['resources']['reg']}, shared {r['shared']} B, {r['sass']}")
-    failures = [f"  {r['name']} {r.get('config')}: {p}" for r in records for p in _problems(r)]
-    assert not failures, f"{len(failures)} sm_90 checks failed:\n" + "\n".join(failures)
+    records = sm90_records("dsd")
     names = {r["name"] for r in records}
     assert {"dsd tma", "dsd tma k-major w2 (down_proj^T)", "dsd tma row_weights", "dsd pointers"} <= names
     default = next(r for r in records if r["name"] == "dsd tma")["config"]

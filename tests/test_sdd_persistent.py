@@ -169,7 +169,11 @@ def _problems(r: dict) -> list[str]:
     return found
 
 
-def test_persistent_kernels_compile_for_sm90():
+def sm90_records(family: str) -> list:
+    """Compile ``family``'s ("sdd" or "dsd") persistent kernels for sm_90 in a worker and check every record.
+
+    Skips where the triton wheel has no cuobjdump; returns the records for the caller's own checks.
+    """
     triton = pytest.importorskip("triton")
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.access(cuobjdump, os.X_OK):
@@ -178,8 +182,7 @@ def test_persistent_kernels_compile_for_sm90():
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_persistent_worker.py")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.json")
-        # The DSD cases are tests/test_dsd_persistent.py's.
-        cmd = [sys.executable, worker, path, "sdd"] + (["all"] if os.environ.get("BSMOE_COMPILE_ALL") == "1" else [])
+        cmd = [sys.executable, worker, path, family] + (["all"] if os.environ.get("BSMOE_COMPILE_ALL") == "1" else [])
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         assert run.returncode == 0, run.stderr[-3000:]
         with open(path) as f:
@@ -192,6 +195,11 @@ def test_persistent_kernels_compile_for_sm90():
             print(f"{r['name']}: REG {r['resources']['reg']}, shared {r['shared']} B, {r['sass']}")
     failures = [f"  {r['name']} {r.get('config')}: {p}" for r in records for p in _problems(r)]
     assert not failures, f"{len(failures)} sm_90 checks failed:\n" + "\n".join(failures)
+    return records
+
+
+def test_persistent_kernels_compile_for_sm90():
+    records = sm90_records("sdd")  # the DSD cases are tests/test_dsd_persistent.py's
     names = {r["name"] for r in records}
     assert {"sdd tma", "sdd pointers", "glu tma", "glu pointers", "schedule"} <= names
 
