@@ -11,7 +11,11 @@ recomputed activations or not), the ``torch`` or ``grouped`` backend, a contiguo
 random placement (a rank holding no expert included), uniform routing or every token on
 one rank's experts, and an exchange: flat (1 to 3 chunks), hierarchical (``hierarchy=
 "node"``, 1 or 2 ranks per node, 1 to 3 chunks), fixed capacity (the bound that never
-overflows) or bounded (``max_recv_rows`` small enough to force rounds). Every rank
+overflows) or bounded (``max_recv_rows`` small enough to force rounds); and, drawn
+after those (so that the earlier fields of a seed's cases do not change), shared
+experts, replicated experts (one or two experts on extra ranks) and expert-choice
+routing (each rank's experts choose among its tokens, so its reference is the
+single-process layer on each rank's batch separately). Every rank
 compares its output, input gradient, router gradient (summed over ranks) and expert
 gradients with a single-process dMoE run on every rank's tokens, as error ratios
 (error over the fp32 bound of ``blocksparse_moe.testing``; the router gradient's bound
@@ -71,7 +75,25 @@ def draw_case(rng: random.Random, W: int, index: int) -> dict:
     if mode == "bounded":
         rows = sum(tokens) * k
         case["max_recv_rows"] = max(1, rng.randint(max(1, rows // 8), max(1, rows // 2)))
+    # drawn last, so that the fields above stay what they were for a seed
+    case["shared"] = rng.random() < 0.25
+    case["ranks"] = None
+    if W > 1 and rng.random() < 0.25:  # replicas: one or two experts held on more ranks
+        holders = [[r] for r in (owners if owners is not None else _contiguous_owners(E, W))]
+        for e in rng.sample(range(E), min(E, rng.randint(1, 2))):
+            others = [r for r in range(W) if r not in holders[e]]
+            holders[e] = sorted(holders[e] + rng.sample(others, rng.randint(1, len(others))))
+        case["ranks"] = holders
+    case["routing"] = "expert_choice" if rng.random() < 0.2 else "token_choice"
+    if case["routing"] == "expert_choice" and mode == "capacity":
+        case["capacity"] = max(tokens) * k + E  # E_dest * ceil(T k / E) <= T k + E_dest
     return case
+
+
+def _contiguous_owners(E: int, W: int) -> list:
+    """``ExpertPlacement.contiguous(E, W).owners`` without importing torch in the parent."""
+    base, extra = divmod(E, W)
+    return [r for r in range(W) for _ in range(base + (r < extra))]
 
 
 def draw_cases(seed: int, n: int, worlds) -> dict:
@@ -96,9 +118,18 @@ def run_case(c: dict, rank: int) -> dict:
     W, E, k, H, F = c["world_size"], c["E"], c["k"], c["H"], c["F"]
     tol = TOLERANCES[torch.float32]
     act = dict(glu=c["glu"], activation=c["activation"], recompute_activation=c["recompute"])
-    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=k, block_size=16, backend=c["backend"], **act)
-    placement = ExpertPlacement.contiguous(E, W) if c["owners"] is None else ExpertPlacement.from_owners(c["owners"], W)
+    choice = c.get("routing") == "expert_choice"
+    extra = dict(num_shared_experts=int(c.get("shared", False)), routing=c.get("routing", "token_choice"))
+    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=k, block_size=16, backend=c["backend"],
+                    **act, **extra)  # fmt: skip
+    if c.get("ranks") is not None:
+        placement = ExpertPlacement.from_ranks(c["ranks"], W)
+    elif c["owners"] is not None:
+        placement = ExpertPlacement.from_owners(c["owners"], W)
+    else:
+        placement = ExpertPlacement.contiguous(E, W)
     g = torch.Generator().manual_seed(c["seed"])
+    torch.manual_seed(c["seed"])  # the shared experts' initialisation: the same on every rank
     full = dMoE(cfg)
     with torch.no_grad():
         full.router.weight.copy_(torch.randn(E, H, generator=g) / H**0.5)
@@ -118,12 +149,26 @@ def run_case(c: dict, rank: int) -> dict:
 
     ref = dMoE(cfg)
     ref.load_state_dict(full.state_dict())
-    seen = {}
-    ref.router.register_forward_hook(lambda m, i, o: seen.update(route=o, x=i[0]) or o.logits.retain_grad())
+    seen = {"logits": [], "x": []}
+    scores = ref.router.scores  # both routing modes take their logits from here: kept for the router's bound
+
+    def keep_logits(x_in):
+        logits, sc = scores(x_in)
+        if logits.requires_grad:
+            logits.retain_grad()
+        seen["logits"].append(logits)
+        seen["x"].append(x_in)
+        return logits, sc
+
+    ref.router.scores = keep_logits
     x_all = torch.cat(xs).requires_grad_()
-    out_all = ref(x_all)
+    if choice:  # each rank's batch on its own, as each rank's experts choose among its tokens
+        out_all = torch.cat([ref(x_r) for x_r in x_all.split(c["tokens"])])
+    else:
+        seen_route = {}
+        ref.router.register_forward_hook(lambda m, i, o: seen_route.update(route=o))
+        out_all = ref(x_all)
     (out_all * torch.cat(gs)).sum().backward()
-    route = seen["route"]
 
     kw = dict(placement=placement, capacity_per_peer=c["capacity"], hierarchy="node" if c["mode"] == "hierarchical"
               else "flat", ranks_per_node=c["ranks_per_node"], chunks=c["chunks"], max_recv_rows=c["max_recv_rows"])  # fmt: skip
@@ -133,13 +178,14 @@ def run_case(c: dict, rank: int) -> dict:
     out, aux = ep(x, return_aux=True)
     (out * gs[rank]).sum().backward()
     ep.sync_router_grad()
+    ep.sync_replica_grads()  # a replicated expert's gradient is partial on each holder until summed
 
     rows = slice(sum(c["tokens"][:rank]), sum(c["tokens"][: rank + 1]))
     r = {"output": error_ratio(out, out_all[rows], **tol)}
     if c["x_grad"][rank]:
         r["grad_x"] = error_ratio(x.grad, x_all.grad[rows], **tol)
-    dlogits = route.logits.grad
-    terms = 0.0 if dlogits is None or not x_all.numel() else float((dlogits.abs().T @ seen["x"].detach().abs()).max())
+    dlogits = torch.cat([lg.grad if lg.grad is not None else torch.zeros_like(lg) for lg in seen["logits"]])
+    terms = 0.0 if not x_all.numel() else float((dlogits.abs().T @ torch.cat(seen["x"]).detach().abs()).max())
     r["grad_router"] = error_ratio(ep.router.weight.grad, ref.router.weight.grad, **tol, scale=terms)
     local = list(ep.local_experts)
     for n in ("w1", "w2", "v1"):
@@ -147,12 +193,18 @@ def run_case(c: dict, rank: int) -> dict:
         if p is not None and local:
             r[f"grad_{n}"] = error_ratio(p.grad if p.grad is not None else torch.zeros_like(p),
                                          getattr(ref, n).grad[local], **tol)  # fmt: skip
+    ref_params = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():  # after sync_router_grad: their sum over ranks
+        if name.startswith("shared_expert"):
+            r["grad_shared"] = max(r.get("grad_shared", 0.0), error_ratio(p.grad, ref_params[name].grad, **tol))
     st = aux.all_to_all
     info = {"ratios": r, "rounds": st.rounds, "peak_recv_rows": st.peak_recv_rows, "dropped": int(aux.dropped_tokens)}
-    mine = route.expert_ids[rows].sort(1).values
-    if not torch.equal(mine, aux.expert_ids.sort(1).values):  # a top-k flip between the two runs of the router
-        sc = route.scores[rows].detach().sort(1, descending=True).values
-        info["near_tie"] = float((sc[:, k - 1] - sc[:, k]).abs().min()) if k < E else 0.0
+    if not choice:  # expert choice: the rank's router runs on the same rows as the reference's, bit for bit
+        route = seen_route["route"]
+        mine = route.expert_ids[rows].sort(1).values
+        if not torch.equal(mine, aux.expert_ids.sort(1).values):  # a top-k flip between the two runs of the router
+            sc = route.scores[rows].detach().sort(1, descending=True).values
+            info["near_tie"] = float((sc[:, k - 1] - sc[:, k]).abs().min()) if k < E else 0.0
     if c["max_recv_rows"] is not None and st.peak_recv_rows is not None and st.peak_recv_rows > c["max_recv_rows"]:
         info["ratios"]["peak_over_bound"] = float("inf")
     return info
@@ -271,7 +323,9 @@ def _edges(m: dict) -> dict:
     n_held = min(c["E"], c["world_size"]) if c["owners"] is None else len(held)
     return {"rounds_gt_1": (m["rounds"] or 0) > 1, "rank_without_expert": n_held < c["world_size"],
             "rank_with_0_tokens": 0 in c["tokens"], "k_eq_E": c["k"] == c["E"], "prime_E": c["E"] in (2, 3, 5, 7, 11, 13),
-            "glu": c["glu"], "every_token_on_one_rank": c["hot"], "chunks_gt_1": c["chunks"] > 1}  # fmt: skip
+            "glu": c["glu"], "every_token_on_one_rank": c["hot"], "chunks_gt_1": c["chunks"] > 1,
+            "shared_experts": bool(c.get("shared")), "replicated": c.get("ranks") is not None,
+            "expert_choice": c.get("routing") == "expert_choice"}  # fmt: skip
 
 
 def summarize(worlds: list) -> dict:

@@ -29,6 +29,10 @@ def test_soak_slice_two_ranks():
     hot = dict(next(c for c in drawn if c["mode"] == "bounded"), index=99, hot=True, tokens=[9, 7], k=2, E=4,
                owners=None, hot_rank=1, max_recv_rows=8)  # fmt: skip
     picked.append(hot)
+    # a replicated expert, shared experts and expert choice in one case (their reference: each rank's batch)
+    newer = dict(picked[0], index=98, E=3, k=2, tokens=[7, 5], owners=None, ranks=[[0, 1], [0], [1]], shared=True,
+                 routing="expert_choice", hot=False, mode="flat", chunks=2)  # fmt: skip
+    picked.insert(0, newer)
     t0 = time.monotonic()
     run = soak_ep.run_world(2, picked, minutes=1.0, pg_timeout=20, mp_context=harness._context())
     assert not any(run["killed"]) and run["worker_errors"] == [None, None], run
@@ -54,3 +58,5 @@ def test_cases_are_reproducible_and_cover_the_edges():
     assert any(0 in c["tokens"] for c in cases) and any(c["glu"] for c in cases)
     assert any(c["owners"] is not None and len(set(c["owners"])) < c["world_size"] for c in cases)
     assert any(c["chunks"] > 1 for c in cases)
+    assert any(c["shared"] for c in cases) and any(c["routing"] == "expert_choice" for c in cases)
+    assert any(c["ranks"] is not None and any(len(h) > 1 for h in c["ranks"]) for c in cases)
