@@ -16,7 +16,13 @@ uniform and skewed routing, it times with ``triton.testing.do_bench`` (medians):
   transformers' ``down_proj [E, H, ffn]`` transposed; a few other TMA configs with
   ``--sweep``), ``torch._grouped_mm`` on the same product over the sorted rows (both
   weight layouts), and the weighted combine after it: ``dsd`` + ``combine(weights)``
-  against ``dsd_persistent(row_weights=...)`` + the unweighted gather-sum.
+  against ``dsd_persistent(row_weights=...)`` + the unweighted gather-sum;
+* the weight gradient DSD^T ``dw2 = blocks(h)^T @ dy_sorted`` (``--kernels`` has
+  ``dsd_t``): ``dsd_t`` (autotuned), ``dsd_t_persistent`` with pointers and with TMA
+  (into ``[E, ffn, H]``, and into a transposed ``[E, H, ffn]`` target as ``dw1^T`` is
+  written; a few other TMA configs with ``--sweep``), and ``torch._grouped_mm`` on the
+  same product over the sorted rows (``h_rows^T @ dy`` grouped along the rows: the
+  grouped weight gradient).
 
 Every Triton output is first checked against ``sdd``'s (relative Frobenius error,
 recorded). Results go to ``DIR/persistent.json`` after every measurement (a run cut
@@ -47,6 +53,7 @@ from .shapes import FINE_GRAINED, MIXTRAL, KernelShape, make_expert_ids
 
 P = importlib.import_module("blocksparse_moe.kernels.sdd_persistent")
 D = importlib.import_module("blocksparse_moe.kernels.dsd_persistent")
+DT = importlib.import_module("blocksparse_moe.kernels.dsd_t_persistent")
 SHAPES = (MIXTRAL, FINE_GRAINED)
 SMOKE = KernelShape("smoke-h64-f96-e7-k2-t40", "smoke", 40, 64, 96, 7, 2, 16)
 ROUTINGS = ("uniform", "skewed")
@@ -105,6 +112,13 @@ def plan_shape(shape: KernelShape, routing: str) -> dict:
         "h_blocks": P.tma_problem("h_blocks", meta(topo.capacity, bs, bs), 2) or "ok",
         "w2 [E,F,H]": P.tma_problem("w2", meta(E, N, H), 2) or "ok",
         "down_proj^T view": P.tma_problem("down_proj^T", meta(E, H, N).transpose(1, 2), 1) or "ok",
+    })  # fmt: skip
+    # The DSD^T dw2 = blocks(h)^T @ dy_sorted: output tiles over [E, ffn, H], K = the expert's rows.
+    tcfg = DT.preferred_config(DT.dsd_t_persistent_configs(bs, 2, use_tma=False))  # default_config's choice on a GPU
+    ttiles = E * F * triton.cdiv(H, tcfg["BLOCK_N"])
+    out["dsd_t"] = dict(default_config=tcfg, tiles=ttiles, grid_on_132_sms=min(132, ttiles), tma={
+        "h_blocks": P.tma_problem("h_blocks", meta(topo.capacity, bs, bs), 2) or "ok",
+        "dy_sorted [S,H]": P.tma_problem("dy_sorted", meta(S, H), 1) or "ok",
     })  # fmt: skip
     return out
 
@@ -255,13 +269,43 @@ def run_dsd(run: Runner, shape: KernelShape, routing: str, sweep: bool):
                check=(lambda out: (out, y_ref)) if y_ref is not None else None)  # fmt: skip
 
 
+def run_dsd_t(run: Runner, shape: KernelShape, routing: str, sweep: bool):
+    """The weight gradient ``dw2 = blocks(h)^T @ dy_sorted``, every implementation on the same operands."""
+    dev, dt = run.device, torch.bfloat16
+    plan, topo = _setup(shape, routing, dev)
+    S, H, N, E = plan.num_slots, shape.hidden, shape.ffn, shape.experts
+    c = _counts(shape)
+    gen = torch.Generator(device=dev).manual_seed(3)
+    h_rows = torch.randn(S, N, generator=gen, device=dev).to(dt)
+    h = _rows_to_blocks(h_rows, topo)
+    dy = (torch.randn(S, H, generator=gen, device=dev) * S**-0.5).to(dt)
+    base = dict(shape=shape.name, routing=routing)
+    offs = plan.expert_offsets[1:].to(torch.int32).clone()
+    kern = importlib.import_module("blocksparse_moe.kernels")
+    ref = run.record(base, "dsd_t", lambda: kern.dsd_t(h, dy, topo), flops=c["flops"])
+    same = (lambda out: (out, ref)) if ref is not None else None
+    for tma in (False, True):
+        run.record(base, f"dsd_t_persistent {'tma' if tma else 'pointers'}",
+                   lambda tma=tma: DT.dsd_t_persistent(h, dy, topo, use_tma=tma), check=same, flops=c["flops"])  # fmt: skip
+    for i, cfg in enumerate(DSD_SWEEP if sweep else ()):
+        run.record(dict(base, config=cfg), f"dsd_t_persistent tma sweep{i}",
+                   lambda cfg=cfg: DT.dsd_t_persistent(h, dy, topo, use_tma=True, config=cfg), check=same,
+                   flops=c["flops"])  # fmt: skip
+    dw_t = torch.empty(E, H, N, dtype=dt, device=dev).transpose(1, 2)  # a weight stored [E, H, ffn], written as dw1^T
+    run.record(base, "dsd_t_persistent tma ([E,H,ffn] target)",
+               lambda: DT.dsd_t_persistent(h, dy, topo, out=dw_t, use_tma=True), check=same, flops=c["flops"])  # fmt: skip
+    if hasattr(torch, "_grouped_mm"):  # 2-D x 2-D with offs: groups along the rows (the K of this product)
+        run.record(base, "dsd_t: grouped_mm", lambda: torch._grouped_mm(h_rows.t(), dy, offs=offs), check=same,
+                   flops=c["flops"])  # fmt: skip
+
+
 def P_sdd(x, w, topo):  # noqa: N802 - the existing kernel, by import path (the package exports the function)
     return importlib.import_module("blocksparse_moe.kernels.sdd").sdd(x, w, topo)
 
 
 def _run(run: Runner, kernels: list[str], shape: KernelShape, routing: str, sweep: bool) -> None:
     # Each function's operands are freed when it returns (no del: the timed lambdas hold them).
-    for name, fn in (("sdd", run_shape), ("dsd", run_dsd)):
+    for name, fn in (("sdd", run_shape), ("dsd", run_dsd), ("dsd_t", run_dsd_t)):
         if name in kernels:
             fn(run, shape, routing, sweep)
             if run.device.type == "cuda":
@@ -275,7 +319,7 @@ def main(argv=None) -> int:
     ap.add_argument("--routing", default=",".join(ROUTINGS))
     ap.add_argument("--shapes", default="mixtral,fine", help="comma list of: mixtral, fine")
     ap.add_argument("--sweep", action="store_true", help="time a few TMA configs besides the default")
-    ap.add_argument("--kernels", default="sdd,dsd", help="comma list of: sdd (SDD and GLU rows), dsd")
+    ap.add_argument("--kernels", default="sdd,dsd,dsd_t", help="comma list of: sdd (SDD and GLU rows), dsd, dsd_t")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument(
         "--dry-run", action="store_true", help="print the launch plan of the real shapes (CPU, no operands)"
@@ -284,8 +328,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     routings = args.routing.split(",")
     kernels = args.kernels.split(",")
-    if not set(kernels) <= {"sdd", "dsd"}:
-        ap.error(f"--kernels must be a comma list of sdd, dsd; got {args.kernels!r}")
+    if not set(kernels) <= {"sdd", "dsd", "dsd_t"}:
+        ap.error(f"--kernels must be a comma list of sdd, dsd, dsd_t; got {args.kernels!r}")
     shapes = [{"mixtral": MIXTRAL, "fine": FINE_GRAINED}[s] for s in args.shapes.split(",")]
     os.makedirs(args.out, exist_ok=True)
     if args.dry_run:

@@ -1,10 +1,11 @@
-"""Compiles the persistent SDD and DSD kernels (``kernels/sdd_persistent.py``, ``kernels/dsd_persistent.py``)
-for sm_90 and inspects their SASS.
+"""Compiles the persistent SDD, DSD and DSD^T kernels (``kernels/sdd_persistent.py``, ``kernels/dsd_persistent.py``,
+``kernels/dsd_t_persistent.py``) for sm_90 and inspects their SASS.
 
-Run by ``tests/test_sdd_persistent.py`` and ``tests/test_dsd_persistent.py`` in a subprocess
-without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` functions cannot be compiled):
-``python tests/sm90_persistent_worker.py OUT.json [all] [sdd|dsd]`` (``sdd`` or ``dsd``: only that
-family's cases; neither: both). Writes one JSON record per
+Run by ``tests/test_sdd_persistent.py``, ``tests/test_dsd_persistent.py`` and
+``tests/test_dsd_t_persistent.py`` in a subprocess without ``TRITON_INTERPRET`` (under the
+interpreter ``@triton.jit`` functions cannot be compiled):
+``python tests/sm90_persistent_worker.py OUT.json [all] [sdd|dsd|dsd_t]`` (a family: only its
+cases; none: all three). Writes one JSON record per
 case: resources from ``cuobjdump --dump-resource-usage`` (REG, STACK, LOCAL), the
 dynamic shared memory Triton asks for (``metadata.shared``), and counts of the SASS
 instructions the checks and ``docs/perf-notes.md`` talk about (HGMMA: wgmma;
@@ -15,8 +16,10 @@ The cases are the launches a bf16 Hopper run makes at BLOCK=128 (the default con
 ``sdd_persistent.default_config``, of each kernel form and operand layout), the
 schedule kernel, and the flattened persistent loop (``FLATTEN``); for the DSD, the default config
 (``dsd_persistent.default_config``) with TMA (N- and K-major ``w2``, with routing weights, with a K
-tail) and pointers. With ``all``, every config of ``persistent_configs(128, use_tma=...)`` (and
-``dsd_persistent_configs``) in both load modes as well (about 60 SDD and 40 DSD kernels).
+tail) and pointers; for the DSD^T, the default config (``dsd_t_persistent.default_config``) with TMA
+(``[E, ffn, N]`` and transposed ``[E, N, ffn]`` targets, flattened) and pointers, and its schedule kernel.
+With ``all``, every config of ``persistent_configs(128, use_tma=...)`` (and ``dsd_persistent_configs``,
+``dsd_t_persistent_configs``) in both load modes as well (about 60 SDD, 40 DSD and 40 DSD^T kernels).
 
 Arguments are specialised as a real launch is: pointers 16-byte aligned, unit
 strides as ``constexpr 1`` (the JIT specialises integers equal to 1), the other
@@ -99,12 +102,60 @@ def _dsd_source(case: dict):
     return _signature(fn, constexprs, unit, case["dtype"], {"w_ptr": "fp32" if case["row_weights"] else case["dtype"]})
 
 
-def _cases(compile_all: bool, families=("sdd", "dsd")) -> list[dict]:
+def _dsd_t_module():
+    import importlib
+
+    return importlib.import_module("blocksparse_moe.kernels.dsd_t_persistent")
+
+
+def _dsd_t_cases(compile_all: bool) -> list[dict]:
+    D = _dsd_t_module()
+    cases = []
+
+    def add(name, tma, transposed=False, cfg=None):
+        cfg = dict(cfg or D.default_config(BLOCK, 2))
+        cases.append(dict(name=name, kernel="dsd_t", dtype="bf16", use_tma=tma, transposed=transposed, config=cfg))
+
+    add("dsd_t tma", True)
+    add("dsd_t tma transposed out (dw1^T)", True, transposed=True)
+    add("dsd_t tma flatten", True, cfg=dict(D.default_config(BLOCK, 2), FLATTEN=True))
+    add("dsd_t pointers", False)
+    add("dsd_t pointers transposed out (dw1^T)", False, transposed=True)
+    if compile_all:
+        for tma in (True, False):
+            for cfg in D.dsd_t_persistent_configs(BLOCK, 2, use_tma=tma):
+                add(f"dsd_t {'tma' if tma else 'pointers'} sweep", tma, cfg=cfg)
+    cases.append(dict(name="dsd_t schedule", kernel="schedule", family="dsd_t",
+                      config={"num_warps": 4, "num_stages": 3}))  # fmt: skip
+    return cases
+
+
+def _dsd_t_source(case: dict):
+    from triton.compiler import ASTSource
+
+    D = _dsd_t_module()
+    if case.get("kernel") == "schedule":
+        sig = {"order_ptr": "*i32", "schedule_ptr": "*i32", "E": "i32", "F": "i32", "NT": "i32",
+               "COL_BITS": "constexpr", "GROUP": "constexpr", "TILE": "constexpr"}  # fmt: skip
+        return ASTSource(D._dsd_t_schedule_kernel, sig, {"COL_BITS": 7, "GROUP": D.GROUP, "TILE": D._SCHEDULE_TILE})
+    cfg = case["config"]
+    # b [S, H] is row-contiguous (TMA needs it); the target is N-contiguous, or K-contiguous (dw1^T).
+    unit = {"stride_bn"} | ({"stride_ok"} if case["transposed"] else {"stride_on"})
+    constexprs = dict(
+        BLOCK=BLOCK, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], COL_BITS=7, USE_TMA=case["use_tma"],
+        UPCAST=False, PRECISION="tf32", FLATTEN=cfg.get("FLATTEN", False),
+    )  # fmt: skip
+    return _signature(D._dsd_t_persistent_kernel, constexprs, unit, case["dtype"], {})
+
+
+def _cases(compile_all: bool, families=("sdd", "dsd", "dsd_t")) -> list[dict]:
     P = _module()
 
     cases = []
     if "dsd" in families:
         cases += _dsd_cases(compile_all)
+    if "dsd_t" in families:
+        cases += _dsd_t_cases(compile_all)
     if "sdd" not in families:
         return cases
 
@@ -135,6 +186,8 @@ def _source(case: dict):
 
     P = _module()
 
+    if case.get("kernel") == "dsd_t" or case.get("family") == "dsd_t":
+        return _dsd_t_source(case)
     if case.get("kernel") == "schedule":
         fn = P._schedule_kernel
         sig = {"offsets_ptr": "*i32", "schedule_ptr": "*i32", "R": "i32", "F": "i32", "NT": "i32",
@@ -211,7 +264,7 @@ def _compile(case: dict, tmpdir: str) -> dict:
     return out
 
 
-def main(out_path: str, compile_all: bool, families=("sdd", "dsd")) -> None:
+def main(out_path: str, compile_all: bool, families=("sdd", "dsd", "dsd_t")) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")  # triton 3.9's fp-fusion notice, once per process
@@ -225,7 +278,7 @@ def main(out_path: str, compile_all: bool, families=("sdd", "dsd")) -> None:
 
 if __name__ == "__main__":
     flags = sys.argv[2:]
-    if len(sys.argv) < 2 or not set(flags) <= {"all", "sdd", "dsd"}:
-        sys.exit(f"usage: {sys.argv[0]} OUT.json [all] [sdd|dsd] (run by tests/test_sdd_persistent.py, "
-                 f"tests/test_dsd_persistent.py), got {flags}")  # fmt: skip
-    main(sys.argv[1], "all" in flags, tuple(f for f in flags if f != "all") or ("sdd", "dsd"))
+    if len(sys.argv) < 2 or not set(flags) <= {"all", "sdd", "dsd", "dsd_t"}:
+        sys.exit(f"usage: {sys.argv[0]} OUT.json [all] [sdd|dsd|dsd_t] (run by tests/test_sdd_persistent.py, "
+                 f"tests/test_dsd_persistent.py, tests/test_dsd_t_persistent.py), got {flags}")  # fmt: skip
+    main(sys.argv[1], "all" in flags, tuple(f for f in flags if f != "all") or ("sdd", "dsd", "dsd_t"))
