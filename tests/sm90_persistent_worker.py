@@ -19,7 +19,7 @@ schedule kernel, and the flattened persistent loop (``FLATTEN``); for the DSD, t
 tail) and pointers; for the DSD^T, the default config (``dsd_t_persistent.default_config``) with TMA
 (``[E, ffn, N]`` and transposed ``[E, N, ffn]`` targets, flattened) and pointers, and its schedule kernel.
 With ``all``, every config of ``persistent_configs(128, use_tma=...)`` (and ``dsd_persistent_configs``,
-``dsd_t_persistent_configs``) in both load modes as well (about 60 SDD, 40 DSD and 40 DSD^T kernels).
+``dsd_t_persistent_configs``) in both load modes as well (about 60 SDD, 120 DSD and 110 DSD^T kernels).
 
 Arguments are specialised as a real launch is: pointers 16-byte aligned, unit
 strides as ``constexpr 1`` (the JIT specialises integers equal to 1), the other
