@@ -5,17 +5,20 @@
 #
 # 1. install this package (editable, no index) and print versions and the GPU state;
 # 2. the sm_90 compile records of tests/sm90_persistent_worker.py with the device's own
-#    Triton (registers, shared memory, HGMMA/UTMALDG counts; SDD and DSD), at most 90 s;
+#    Triton (registers, shared memory, HGMMA/UTMALDG counts; SDD, DSD and DSD^T), at most 90 s;
 # 3. the persistent-kernel tests compiled on the GPU (tests/test_sdd_persistent.py and
 #    tests/test_dsd_persistent.py, interpreter off: TMA for real, the float64 references,
 #    NaN-poisoned outputs), at most 120 s;
 # 4. python -m benchmarks.persistent --sweep: sdd vs sdd_persistent (pointers, TMA,
 #    a few TMA configs) vs torch._grouped_mm vs dense torch.matmul, and the fused
 #    SwiGLU SDD vs its unfused forms, then dsd vs dsd_persistent (pointers, TMA, K-major
-#    down_proj^T, row_weights + gather-sum combine) vs torch._grouped_mm, Mixtral and
+#    down_proj^T, row_weights + gather-sum combine) vs torch._grouped_mm, then dsd_t vs
+#    dsd_t_persistent (pointers, TMA, [E,H,ffn] target) vs torch._grouped_mm rows, Mixtral and
 #    fine-grained shapes, uniform and skewed, bf16. It writes $OUT/results/persistent.json
 #    after every measurement and starts none after BUDGET_S (default 150 s), so a
-#    cut-short run keeps its numbers (--kernels dsd times only the DSD rows).
+#    cut-short run keeps its numbers (--kernels dsd or dsd_t times only those rows).
+#    Step 2 compiles the dsd_t family too; step 3 leaves tests/test_dsd_t_persistent.py out
+#    (run it with BSMOE_TEST_DEVICE=cuda when the device time allows).
 #
 # BSMOE_AUTOTUNE=0 skips sdd's autotuning (faster, but then sdd runs one default config).
 # Dry run on any CPU machine: python -m benchmarks.persistent --dry-run
