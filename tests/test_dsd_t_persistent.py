@@ -123,6 +123,11 @@ def test_config_and_schedule(device):
     assert bool((experts == experts[:, :1]).all()), "an expert's tiles are not consecutive"
     counts = plan.tokens_per_expert.cpu()[experts[:, 0]]
     assert bool((counts[:-1] >= counts[1:]).all()), f"experts not heaviest first: {counts.tolist()}"
+    # A prebuilt schedule (the backward's two weight gradients share one: both have N = hidden).
+    shared = P.dsd_t_tile_schedule(topo, N, 32)
+    for data in (h, h.nan_to_num()):
+        got = P.dsd_t_persistent(data, b, topo, config={"BLOCK_N": 32}, schedule=shared, num_programs=2)
+        assert_close(got, _expect(data, b, topo), **TOLERANCES[torch.float16], name="shared schedule")
 
 
 def test_one_program_and_all_empty_but_one(device):
