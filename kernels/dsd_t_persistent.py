@@ -19,7 +19,7 @@ strides). Organised as ``sdd_persistent.py`` / ``dsd_persistent.py``:
 * **A persistent grid**: ``min(num_programs, tiles)`` programs loop over the schedule.
 * **The K loop runs over the expert's rows** (its consecutive block rows), ``BLOCK_K``
   (a divisor of ``bs``) rows per step: step ``k0`` reads rows ``k0 % bs ..`` of block
-  ``(first block row + k0 // bs) * F + f`` (an ``BLOCK_K x bs`` tile, used transposed)
+  ``(first block row + k0 // bs) * F + f`` (a ``BLOCK_K x bs`` tile, used transposed)
   and the same ``BLOCK_K`` sorted rows of ``b``. The output tile is ``bs x BLOCK_N``
   (one column block; 128 x 256 at block 128 in bf16 by default).
 * **TMA** (``USE_TMA``): ``data`` through a 3-D ``[capacity, bs, bs]`` descriptor (box

@@ -163,6 +163,8 @@ def test_bad_arguments_are_named(device):
         P.dsd_t_persistent(h, b[:-1], topo)
     with pytest.raises(ValueError, match="schedule must be int32"):
         P.dsd_t_persistent(h, b, topo, schedule=torch.zeros(3, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="do not pack into an int32 schedule"):
+        P.dsd_t_tile_schedule(topo, 1 << 30, 1)  # 2**30 hidden tiles leave one bit for 25 column blocks
     with pytest.raises(ValueError, match="out must be"):
         P.dsd_t_persistent(h, b, topo, out=torch.empty(E, ffn, N + 1, device=device))
     assert_close(P.dsd_t_persistent(h, b, topo), expect, **TOLERANCES[torch.float32], name="defaults")
