@@ -197,11 +197,20 @@ def preferred_config(configs: list[dict]) -> dict:
 
 def default_config(block: int, elem_bytes: int = 2) -> dict:
     """128x256x64, 8 warps, 4 stages at block 128 in bf16; one small pinned config under the interpreter."""
+    return pick_default(dsd_persistent_configs, "dsd_persistent", block, elem_bytes)
+
+
+def pick_default(configs_of, what: str, block: int, elem_bytes: int) -> dict:
+    """``preferred_config`` of ``configs_of(block, elem_bytes, use_tma=False)`` (one default for both load paths).
+
+    Under the interpreter one small pinned config; no config at all is a ``ValueError`` naming ``what``.
+    Shared by the persistent DSD and DSD^T.
+    """
     if interpreting():
         return dict(BLOCK_K=min(32, block), BLOCK_N=32, num_warps=4, num_stages=1)
-    configs = dsd_persistent_configs(block, elem_bytes, use_tma=False)  # one default for both load paths
+    configs = configs_of(block, elem_bytes, use_tma=False)
     if not configs:
-        raise ValueError(f"dsd_persistent: no config fits block={block}, element size {elem_bytes}")
+        raise ValueError(f"{what}: no config fits block={block}, element size {elem_bytes}")
     return preferred_config(configs)
 
 

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .checks import check_block_data, check_same, check_tensor
 from .config import dot_precision, interpreting, needs_upcast
-from .dsd_persistent import dsd_persistent_configs, preferred_config
+from .dsd_persistent import dsd_persistent_configs, pick_default
 from .sdd_persistent import _SCHEDULE_TILE, _default_programs, _ensure_allocator, tma_problem
 from .tiling import GROUP, grouped_tile
 
@@ -187,12 +187,7 @@ def dsd_t_persistent_configs(block: int, elem_bytes: int = 2, use_tma: bool = Tr
 
 def default_config(block: int, elem_bytes: int = 2) -> dict:
     """128x256x64, 8 warps, 4 stages at block 128 in bf16; one small pinned config under the interpreter."""
-    if interpreting():
-        return dict(BLOCK_K=min(32, block), BLOCK_N=32, num_warps=4, num_stages=1)
-    configs = dsd_t_persistent_configs(block, elem_bytes, use_tma=False)  # one default for both load paths
-    if not configs:
-        raise ValueError(f"dsd_t_persistent: no config fits block={block}, element size {elem_bytes}")
-    return preferred_config(configs)
+    return pick_default(dsd_t_persistent_configs, "dsd_t_persistent", block, elem_bytes)
 
 
 def dsd_t_tile_schedule(topo, n: int, block_n: int) -> torch.Tensor:
