@@ -114,7 +114,7 @@ def plan_shape(shape: KernelShape, routing: str) -> dict:
         "down_proj^T view": P.tma_problem("down_proj^T", meta(E, H, N).transpose(1, 2), 1) or "ok",
     })  # fmt: skip
     # The DSD^T dw2 = blocks(h)^T @ dy_sorted: output tiles over [E, ffn, H], K = the expert's rows.
-    tcfg = DT.preferred_config(DT.dsd_t_persistent_configs(bs, 2, use_tma=False))  # default_config's choice on a GPU
+    tcfg = D.preferred_config(DT.dsd_t_persistent_configs(bs, 2, use_tma=False))  # default_config's choice on a GPU
     ttiles = E * F * triton.cdiv(H, tcfg["BLOCK_N"])
     out["dsd_t"] = dict(default_config=tcfg, tiles=ttiles, grid_on_132_sms=min(132, ttiles), tma={
         "h_blocks": P.tma_problem("h_blocks", meta(topo.capacity, bs, bs), 2) or "ok",
