@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .checks import check_block_data, check_same, check_tensor
 from .config import _fits, _registers_fit, dot_precision, interpreting, needs_upcast
-from .sdd_persistent import _default_programs, _ensure_allocator, schedule_tiles, tma_problem
+from .sdd_persistent import _default_programs, check_config_keys, resolve_tma, schedule_tiles, tma_problem
 
 
 @triton.jit
@@ -265,11 +265,7 @@ def dsd_persistent(h_blocks: torch.Tensor, w2: torch.Tensor, topo, out: torch.Te
     if topo.max_block_rows == 0 or N == 0:
         return out
     cfg = dict(default_config(bs, h_blocks.element_size()), **(config or {}))
-    unknown = set(cfg) - {"BLOCK_K", "BLOCK_N", "num_warps", "num_stages", "FLATTEN"}
-    if unknown:
-        raise ValueError(
-            f"{op}: config has unknown keys {sorted(unknown)}; expected BLOCK_K, BLOCK_N, num_warps, num_stages, FLATTEN"
-        )
+    check_config_keys(op, cfg, ("BLOCK_K", "BLOCK_N", "num_warps", "num_stages", "FLATTEN"))
     if cfg["BLOCK_N"] > 256:
         raise ValueError(f"{op}: config BLOCK_N={cfg['BLOCK_N']} > 256 columns (a TMA box's limit)")
     if bs % cfg["BLOCK_K"]:
@@ -279,13 +275,7 @@ def dsd_persistent(h_blocks: torch.Tensor, w2: torch.Tensor, topo, out: torch.Te
     problems = [p for p in [tma_problem("h_blocks", h_blocks, 2)] if p]
     k_major, b_problem = _b_k_major(w2)
     problems += [b_problem] if b_problem else []
-    if use_tma is None:  # auto: TMA on a Hopper-or-newer GPU when every operand qualifies
-        use_tma = (h_blocks.is_cuda and not interpreting() and torch.cuda.get_device_capability(h_blocks.device)[0] >= 9
-                   and not problems)  # fmt: skip
-    elif use_tma and problems:
-        raise ValueError(f"{op}: use_tma=True but an operand does not qualify for TMA: " + "; ".join(problems))
-    if use_tma:
-        _ensure_allocator()
+    use_tma = resolve_tma(op, use_tma, h_blocks, problems)
     nt = triton.cdiv(N, cfg["BLOCK_N"])
     num_tiles = topo.max_block_rows * nt
     if schedule is None:

@@ -44,9 +44,9 @@ import triton
 import triton.language as tl
 
 from .checks import check_block_data, check_same, check_tensor
-from .config import dot_precision, interpreting, needs_upcast
+from .config import dot_precision, needs_upcast
 from .dsd_persistent import dsd_persistent_configs, pick_default
-from .sdd_persistent import _SCHEDULE_TILE, _default_programs, _ensure_allocator, tma_problem
+from .sdd_persistent import _SCHEDULE_TILE, _default_programs, check_config_keys, resolve_tma, tma_problem
 from .tiling import GROUP, grouped_tile
 
 
@@ -242,24 +242,14 @@ def dsd_t_persistent(data: torch.Tensor, b: torch.Tensor, topo, out: torch.Tenso
     if topo.capacity == 0:  # no rows at all: the gradient is zero
         return out.zero_()
     cfg = dict(default_config(bs, data.element_size()), **(config or {}))
-    unknown = set(cfg) - {"BLOCK_K", "BLOCK_N", "num_warps", "num_stages", "FLATTEN"}
-    if unknown:
-        raise ValueError(
-            f"{op}: config has unknown keys {sorted(unknown)}; expected BLOCK_K, BLOCK_N, num_warps, num_stages, FLATTEN"
-        )
+    check_config_keys(op, cfg, ("BLOCK_K", "BLOCK_N", "num_warps", "num_stages", "FLATTEN"))
     if cfg["BLOCK_N"] > 256:
         raise ValueError(f"{op}: config BLOCK_N={cfg['BLOCK_N']} > 256 columns (a TMA box's limit)")
     if bs % cfg["BLOCK_K"]:
         raise ValueError(f"{op}: config BLOCK_K={cfg['BLOCK_K']} must divide the block size {bs} "
                          "(a K step reads rows of one block)")  # fmt: skip
     problems = [p for p in (tma_problem("data", data, 2), tma_problem("b", b, 1)) if p]
-    if use_tma is None:  # auto: TMA on a Hopper-or-newer GPU when both operands qualify
-        use_tma = (data.is_cuda and not interpreting() and torch.cuda.get_device_capability(data.device)[0] >= 9
-                   and not problems)  # fmt: skip
-    elif use_tma and problems:
-        raise ValueError(f"{op}: use_tma=True but an operand does not qualify for TMA: " + "; ".join(problems))
-    if use_tma:
-        _ensure_allocator()
+    use_tma = resolve_tma(op, use_tma, data, problems)
     nt = triton.cdiv(N, cfg["BLOCK_N"])
     num_tiles = E * topo.ffn_blocks * nt
     if schedule is None:

@@ -293,6 +293,29 @@ def _default_programs(device: torch.device) -> int:
     return DEFAULT_NUM_PROGRAMS_CPU
 
 
+def resolve_tma(op: str, use_tma, operand: torch.Tensor, problems: list) -> bool:
+    """Whether a persistent kernel loads through TMA; sets the descriptors' allocator when it does.
+
+    ``use_tma=None`` (auto): on a Hopper-or-newer GPU when no operand has a ``problem``
+    (:func:`tma_problem`); ``True`` with a problem is a ``ValueError`` naming the operands.
+    """
+    if use_tma is None:
+        use_tma = (operand.is_cuda and not interpreting() and torch.cuda.get_device_capability(operand.device)[0] >= 9
+                   and not problems)  # fmt: skip
+    elif use_tma and problems:
+        raise ValueError(f"{op}: use_tma=True but an operand does not qualify for TMA: " + "; ".join(problems))
+    if use_tma:
+        _ensure_allocator()
+    return bool(use_tma)
+
+
+def check_config_keys(op: str, cfg: dict, keys: tuple) -> None:
+    """A config of a persistent kernel holds only ``keys``: else a ``ValueError`` naming the others."""
+    unknown = set(cfg) - set(keys)
+    if unknown:
+        raise ValueError(f"{op}: config has unknown keys {sorted(unknown)}; expected {', '.join(keys)}")
+
+
 def tma_problem(name: str, t: torch.Tensor, unit_dim: int) -> str | None:
     """Why ``t`` cannot be read through a TMA descriptor with ``unit_dim`` contiguous, or None if it can."""
     es = t.element_size()
@@ -363,23 +386,14 @@ def _launch(op, a, b, v, topo, out, gate, up, use_tma, config, num_programs, sch
     if topo.capacity == 0:
         return out, gate, up
     cfg = dict(default_config(bs, a.element_size(), glu), **(config or {}))
-    unknown = set(cfg) - {"BLOCK_K", "BLOCKS_N", "num_warps", "num_stages", "FLATTEN"}
-    if unknown:
-        raise ValueError(f"{op}: config has unknown keys {sorted(unknown)}; expected BLOCK_K, BLOCKS_N, "
-                         "num_warps, num_stages, FLATTEN")  # fmt: skip
+    check_config_keys(op, cfg, ("BLOCK_K", "BLOCKS_N", "num_warps", "num_stages", "FLATTEN"))
     if cfg["BLOCKS_N"] * bs > 256:
         raise ValueError(f"{op}: config BLOCKS_N={cfg['BLOCKS_N']} x block {bs} > 256 columns (a TMA box's limit)")
     weights = {"b": b, "v": v} if glu else {"b": b}
     problems = [p for p in [tma_problem("a", a, 1)] if p]
     k_major, b_problems = _b_layout(weights)
     problems += b_problems
-    if use_tma is None:  # auto: TMA on a Hopper-or-newer GPU when every operand qualifies
-        use_tma = (a.is_cuda and not interpreting() and torch.cuda.get_device_capability(a.device)[0] >= 9
-                   and not problems)  # fmt: skip
-    elif use_tma and problems:
-        raise ValueError(f"{op}: use_tma=True but an operand does not qualify for TMA: " + "; ".join(problems))
-    if use_tma:
-        _ensure_allocator()
+    use_tma = resolve_tma(op, use_tma, a, problems)
     nt = triton.cdiv(topo.ffn_blocks, cfg["BLOCKS_N"])
     num_tiles = topo.max_block_rows * nt
     if schedule is None:
