@@ -18,7 +18,7 @@ def examples(n: int) -> int:
 
 def assert_close(
     actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = "tensor", scale: float | None = None
-):
+):  # fmt: skip
     """``|a - e| <= atol * max|e| + rtol * |e|`` everywhere, NaN never passes.
 
     ``scale`` replaces ``max|e|`` where the expected values come from sums that cancel:
@@ -69,3 +69,40 @@ def make_expert_ids(num_tokens: int, num_experts: int, top_k: int, mode: str, se
     elif mode != "uniform":
         raise ValueError(mode)
     return scores.topk(top_k, dim=1).indices
+
+
+def padding_poisoned(data: torch.Tensor, topo) -> torch.Tensor:
+    """Block data ``data`` with NaN wherever it holds no element of ``h``: the rows past an expert's end
+    in its last block row, the columns past ``ffn`` in the last column block, and the spare blocks.
+
+    A kernel reading the block data must mask every one of them (a ``<`` moved to ``<=`` in a
+    mask reads one); the reference drops them, so it never sees the NaN.
+    """
+    from blocksparse_moe import reference as ref
+
+    S, E, n = topo.num_slots, topo.num_experts, topo.ffn_size
+    valid = ref.sdd_torch(torch.ones(S, 1, device=data.device), torch.ones(E, 1, n, device=data.device), topo) != 0
+    return torch.where(valid, data, torch.full((), float("nan"), dtype=data.dtype, device=data.device))
+
+
+# The persistent kernels' cases: name -> (T, E, k, width, ffn, block, routing). The width (H or
+# N) and ffn=72 / 104 are off the tile and block grids; "skewed" leaves experts empty; "one" with
+# k=1 puts every token on expert 0.
+PERSISTENT_CASES = {
+    "skewed-empty-experts": (37, 5, 2, 40, 72, 16, "skewed"),
+    "one-token": (1, 4, 2, 24, 40, 16, "uniform"),
+    "prime-experts": (29, 7, 3, 40, 104, 32, "uniform"),
+    "all-on-one-expert": (45, 6, 1, 56, 48, 16, "one"),
+}
+
+
+def persistent_case(device, name: str, dtype, seed: int = 0):
+    """``(plan, topo, rnd, (E, width, ffn))`` of ``PERSISTENT_CASES[name]``; ``rnd(*shape)`` draws seeded normals."""
+    from blocksparse_moe import build_topology, plan_routing
+
+    T, E, k, width, ffn, bs, mode = PERSISTENT_CASES[name]
+    plan = plan_routing(make_expert_ids(T, E, k, mode, seed=seed).to(device), E)
+    topo = build_topology(plan, ffn, bs)
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return plan, topo, rnd, (E, width, ffn)

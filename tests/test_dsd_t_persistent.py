@@ -22,7 +22,7 @@ import os
 
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, make_expert_ids
+from helpers import PERSISTENT_CASES, TOLERANCES, assert_close, make_expert_ids, padding_poisoned, persistent_case
 
 import blocksparse_moe.kernels as K
 from blocksparse_moe import build_topology, plan_routing
@@ -31,30 +31,12 @@ from blocksparse_moe import reference as ref
 P = importlib.import_module("blocksparse_moe.kernels.dsd_t_persistent")
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-# name -> (T, E, k, N, ffn, bs, routing). N=40 is off the 32-column tile, ffn=72 and 104
-# off the block grid; "skewed" leaves experts empty; "one" with k=1 puts every token on expert 0.
-CASES = {
-    "skewed-empty-experts": (37, 5, 2, 40, 72, 16, "skewed"),
-    "one-token": (1, 4, 2, 24, 40, 16, "uniform"),
-    "prime-experts": (29, 7, 3, 40, 104, 32, "uniform"),
-    "all-on-one-expert": (45, 6, 1, 56, 48, 16, "one"),
-}
-
-
-def _padding_poisoned(data, topo):
-    """``data`` with NaN wherever it holds no element of ``h`` (as tests/test_dsd_persistent.py's)."""
-    S, E, n = topo.num_slots, topo.num_experts, topo.ffn_size
-    valid = ref.sdd_torch(torch.ones(S, 1, device=data.device), torch.ones(E, 1, n, device=data.device), topo) != 0
-    return torch.where(valid, data, torch.full((), float("nan"), dtype=data.dtype, device=data.device))
+CASES = PERSISTENT_CASES  # width = N: 40 is off the 32-column tile, ffn 72 and 104 off the block grid
 
 
 def _case(device, name, dtype, seed=0):
-    T, E, k, N, ffn, bs, mode = CASES[name]
-    plan = plan_routing(make_expert_ids(T, E, k, mode, seed=seed).to(device), E)
-    topo = build_topology(plan, ffn, bs)
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    h = _padding_poisoned(ref.sdd_torch(rnd(plan.num_slots, 8), rnd(E, 8, ffn), topo), topo)
+    plan, topo, rnd, (E, N, ffn) = persistent_case(device, name, dtype, seed)
+    h = padding_poisoned(ref.sdd_torch(rnd(plan.num_slots, 8), rnd(E, 8, ffn), topo), topo)
     return plan, topo, h, rnd(plan.num_slots, N), (E, N, ffn)
 
 

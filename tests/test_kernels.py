@@ -6,7 +6,7 @@ cover the kernels' own rounding: fp32 accumulation, one rounding of the output.
 
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, make_expert_ids
+from helpers import TOLERANCES, assert_close, make_expert_ids, padding_poisoned
 
 import blocksparse_moe.kernels as K
 from blocksparse_moe import build_topology, plan_routing
@@ -63,23 +63,11 @@ def test_sdd_two_block_tile_matches_reference(device, dtype, monkeypatch):
     assert_close(out, ref.sdd_torch(a.double(), w.double(), topo), **TOLERANCES[dtype], name=f"sdd two-block {dtype}")
 
 
-def _padding_poisoned(data, topo):
-    """``data`` with NaN wherever it holds no element of ``h``: the rows past an expert's end in its
-    last block row, the columns past ``ffn`` in the last column block, and the spare blocks.
-
-    The DSD must mask every one of them (a ``<`` moved to ``<=`` in a mask reads one); the
-    reference drops them, so it never sees the NaN.
-    """
-    S, E, n = topo.num_slots, topo.num_experts, topo.ffn_size
-    valid = ref.sdd_torch(torch.ones(S, 1, device=data.device), torch.ones(E, 1, n, device=data.device), topo) != 0
-    return torch.where(valid, data, torch.full((), float("nan"), dtype=data.dtype, device=data.device))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bs", [16, 32, 64])
 def test_dsd_matches_reference(device, dtype, bs):
     plan, topo, rnd = _case(device, bs=bs, dtype=dtype)
-    data = _padding_poisoned(ref.sdd_torch(rnd(plan.num_slots, 40), rnd(5, 40, 72), topo), topo)
+    data = padding_poisoned(ref.sdd_torch(rnd(plan.num_slots, 40), rnd(5, 40, 72), topo), topo)
     assert torch.isnan(data).any() and topo.ffn_size % bs and (plan.tokens_per_expert % bs).any()  # padding exists
     w2 = rnd(5, 72, 40)
     # The output is a window of a wider, taller buffer: the guard row above and below it and the

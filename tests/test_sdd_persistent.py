@@ -28,7 +28,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F_
-from helpers import TOLERANCES, assert_close, make_expert_ids
+from helpers import PERSISTENT_CASES, TOLERANCES, assert_close, make_expert_ids, persistent_case
 
 import blocksparse_moe.kernels as K
 from blocksparse_moe import build_topology, plan_routing
@@ -38,23 +38,11 @@ P = importlib.import_module("blocksparse_moe.kernels.sdd_persistent")
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 H100_MAX_SHARED_BYTES = 227 * 1024
 
-# name -> (T, E, k, H, ffn, bs, routing). H=40 and ffn=72 are off every block and K-step
-# grid; "skewed" leaves experts empty; "one" with k=1 puts every token on expert 0.
-CASES = {
-    "skewed-empty-experts": (37, 5, 2, 40, 72, 16, "skewed"),
-    "one-token": (1, 4, 2, 24, 40, 16, "uniform"),
-    "prime-experts": (29, 7, 3, 40, 104, 32, "uniform"),
-    "all-on-one-expert": (45, 6, 1, 56, 48, 16, "one"),
-}
+CASES = PERSISTENT_CASES  # width = H
 
 
 def _case(device, name, dtype, seed=0):
-    T, E, k, H, ffn, bs, mode = CASES[name]
-    plan = plan_routing(make_expert_ids(T, E, k, mode, seed=seed).to(device), E)
-    topo = build_topology(plan, ffn, bs)
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    return plan, topo, rnd, (E, H, ffn)
+    return persistent_case(device, name, dtype, seed)
 
 
 def _poisoned(topo, dtype, device):
