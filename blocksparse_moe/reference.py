@@ -117,7 +117,7 @@ def _expert_ranges(topo: Topology) -> list[tuple[int, int, int, int]]:
             "meta device do not hold; use backend='grouped' or backend='triton' for meta tensors"
         )
     rows = topo.expert_offsets.tolist()  # host read: the torch backend loops over experts on the host
-    block_rows = topo.expert_block_offsets.tolist()
+    block_rows = topo.expert_block_offsets.tolist()  # the same host read, for the block rows
     F = topo.ffn_blocks
     return [
         (rows[e], rows[e + 1] - rows[e], block_rows[e] * F, (block_rows[e + 1] - block_rows[e]) * F)

@@ -175,6 +175,7 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
         if p.grad is None or id(p) in expert_ids:
             continue
         (sharded if _is_dtensor(p.grad) else plain).append(p.grad)
+    # host reads as above (after backward, for clipping): the replicated part, then each DTensor's
     rest = _local_norm_power(plain, norm_type, plain[0].device if plain else torch.device("cpu")).cpu()
     total = torch.maximum(total, rest) if inf else total + rest
     for g in sharded:  # DTensor: the norm of the whole tensor, reduced over its mesh

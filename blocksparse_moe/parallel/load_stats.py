@@ -164,7 +164,7 @@ def _layer_stats(shard, reduce: bool) -> ExpertLoadStats:
         rows = torch.stack(comm.all_gather(torch.cat([sent, extra]), "load statistics (all_gather)")).tolist()
         traffic = [r[:W] for r in rows]
         bytes_s, bytes_r, peaks = [r[W] for r in rows], [r[W + 1] for r in rows], [r[W + 2] for r in rows]
-    tpe_l = tpe.tolist()
+    tpe_l = tpe.tolist()  # host read, as above: a report after the step, never in forward or backward
     if placement.replicated:  # an expert's rows are split among its replicas: count what each rank received
         loads = [sum(row[p] for row in traffic) for p in range(W)] if traffic is not None else sent.tolist()
     else:
