@@ -44,6 +44,7 @@ from ..shared_expert import add_shared_experts, shared_output
 from .bounded import check_max_recv_rows
 from .checks import check_same_config
 from .collectives import Communicator
+from .grads import _all_reduce_flat
 from .dispatch import OVERFLOW_POLICIES, TokenExchange, check_exchange_options
 from .nodes import mesh_groups, resolve_node_layout
 from .groups import ExpertParallelGroups, resolve_groups
@@ -366,12 +367,13 @@ class ExpertParallelDMoE(nn.Module):
         """
         if op not in ("sum", "mean"):
             raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
+        grads = []
         for p in [self.router.weight, *self._shared_params()]:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            self.comm.all_reduce_(grad, "router gradient all-reduce")
-            if op == "mean":
-                grad.div_(self.world_size)
-            p.grad = grad
+            if p.grad is None:  # no token reached it here: it still joins the sum
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        scale = 1.0 / self.world_size if op == "mean" else 1.0
+        _all_reduce_flat(self.comm, grads, "router gradient all-reduce", scale)  # one collective per dtype
 
     def update_selection_bias(self, tokens_per_expert: torch.Tensor, rate: float | None = None, reduce: bool = True):
         """The router's bias step on the job's load: ``tokens_per_expert`` is summed over ``dp x ep`` first.
