@@ -22,6 +22,8 @@ other's). ``placement=`` puts any expert on any rank, or on several ranks (a
 replicated hot expert: ``ExpertPlacement.from_ranks``, ``plan_placement(...,
 replicas=N)``; ``reduce_gradients`` sums its replicas' gradients), and
 ``collect_load_stats(model)`` reports each layer's load and traffic after a step.
+``interleaved_forward(blocks, [x_a, x_b])`` runs two micro-batches so that one's dense
+compute hides the other's count exchange and host read (``layer(x, beside=fn)``).
 
 Two all-to-alls (tokens out, results back) wrap the block-sparse expert compute;
 the split sizes come from one count exchange whose result is read on the host once
@@ -43,6 +45,7 @@ from .layer import (
     sync_router_grads,
 )
 from .load_stats import ExpertLoadStats, collect_load_stats
+from .microbatch import interleaved_forward
 from .placement import ExpertPlacement
 from .planning import RoutingStats, placement_traffic, plan_placement, routing_stats  # noqa: F401 (issue 14)
 from .replace import ExpertMove, replace_experts
@@ -75,6 +78,7 @@ __all__ = [
     "expert_shards",
     "gather_state_dict",
     "grad_norm",
+    "interleaved_forward",
     "load_sharded",
     "reduce_gradients",
     "replace_experts",

@@ -49,6 +49,7 @@ from .dispatch import OVERFLOW_POLICIES, TokenExchange, check_exchange_options
 from .nodes import mesh_groups, resolve_node_layout
 from .groups import ExpertParallelGroups, resolve_groups
 from .load_stats import ExpertLoadTracker
+from .microbatch import Gap
 from .placement import ExpertPlacement, as_placement
 from .stats import AllToAllStats, CapacityOverflowError, ExpertParallelAux
 from .units import ExpertShard
@@ -401,11 +402,14 @@ class ExpertParallelDMoE(nn.Module):
         if x.device != self.w1.device:
             raise ValueError(f"{where}: x is on {x.device} but the layer's parameters are on {self.w1.device}")
 
-    def forward(self, x: torch.Tensor, return_aux: bool = False):
+    def forward(self, x: torch.Tensor, return_aux: bool = False, beside=None):
         """``x [..., hidden] -> [..., hidden]`` (this rank's tokens), or ``(out, ExpertParallelAux)``.
 
         A collective: every rank of the group must call it (a rank with no tokens
         passes an empty ``[0, hidden]`` tensor), and later run backward if any does.
+        ``beside``: a callable with no arguments run while the counts travel (after the shared
+        experts, before the host read; :mod:`.microbatch`); the return is then ``(result,
+        beside())``. If it raises, this rank finishes the exchange, then raises that error.
         """
         cfg = self.config
         try:  # everything before the first collective: a failure here is announced to the peers
@@ -424,6 +428,9 @@ class ExpertParallelDMoE(nn.Module):
                 route = self.router(x2)
                 rows, row_ids, row_weights = x2, route.expert_ids, route.weights
             plan = self.exchange.plan(row_ids)
+            # The shared experts need no exchange: they run while the counts travel, then `beside`.
+            shared_fn = None if self.shared_expert is None else (lambda: shared_output(self, x2))
+            gap = Gap.of(self.name, shared_fn, beside, self.trace)
         except Exception:
             self.exchange.announce_failure(self.w1.device)
             raise
@@ -431,9 +438,8 @@ class ExpertParallelDMoE(nn.Module):
         # backward on every rank, even one whose x and weights need no gradient.
         anchor = x2.new_zeros(0).requires_grad_() if torch.is_grad_enabled() else None
         params = tuple(getattr(self, n) for n in EXPERT_PARAMS)
-        # The shared experts need no exchange: they run while the counts travel (local_work).
-        shared_fn = None if self.shared_expert is None else (lambda: shared_output(self, x2))
-        res = self.exchange.run(rows, plan, row_weights, self._experts_on_received, backend, anchor, params, shared_fn)
+        res = self.exchange.run(rows, plan, row_weights, self._experts_on_received, backend, anchor, params, gap)
+        beside_out = None if beside is None else gap.result()  # its error, now that the exchange is done
         self.load_tracker.record(
             res.tokens_per_expert, res.tokens_per_local_expert, res.rows_sent, res.rows_received, res.dropped,
             res.stats,
@@ -445,23 +451,19 @@ class ExpertParallelDMoE(nn.Module):
             out = out + res.local
         out = out.reshape(x.shape)
         if not return_aux:
-            return out
+            return out if beside is None else (out, beside_out)
         traffic = dict(tokens_per_local_expert=res.tokens_per_local_expert, all_to_all=res.stats)
         if cfg.routing == "expert_choice":
             fields = expert_choice_aux_fields(cfg, logits, chosen, ec_weights, unrouted)
-            return out, ExpertParallelAux(**fields, **traffic)
-        lb, z = self.router.losses(route, res.tokens_per_expert)
-        aux = ExpertParallelAux(
-            load_balancing_loss=lb,
-            z_loss=z,
-            tokens_per_expert=res.tokens_per_expert,
-            dropped_tokens=res.dropped,
-            expert_ids=route.expert_ids,
-            expert_weights=route.weights,
-            unrouted_tokens=torch.zeros((), dtype=torch.int64, device=x.device),
-            **traffic,
-        )
-        return out, aux
+        else:
+            lb, z = self.router.losses(route, res.tokens_per_expert)
+            fields = dict(
+                load_balancing_loss=lb, z_loss=z, tokens_per_expert=res.tokens_per_expert, dropped_tokens=res.dropped,
+                expert_ids=route.expert_ids, expert_weights=route.weights,
+                unrouted_tokens=torch.zeros((), dtype=torch.int64, device=x.device),
+            )  # fmt: skip
+        aux = ExpertParallelAux(**fields, **traffic)
+        return (out, aux) if beside is None else ((out, aux), beside_out)
 
     def _experts_on_received(self, x_recv: torch.Tensor, local_ids: torch.Tensor, padded: bool) -> torch.Tensor:
         """The exchange's expert function: group the received rows by local expert and run them."""
