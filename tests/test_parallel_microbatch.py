@@ -55,3 +55,33 @@ def test_interleaved(request, launch, name):
         assert backward == sorted(backward, reverse=True) and len(set(backward)) == 2, backward
         if name != "mb_capacity":  # variable mode: one host read per layer call, interleaved or not
             assert all(h == 1 for r in per_rank for h in r["host_reads"]), per_rank
+
+
+def test_bad_arguments():
+    """Refused before any layer runs (no process group needed): the argument, the value, what was expected."""
+    import re
+
+    import torch
+
+    from blocksparse_moe.parallel import interleaved_forward
+
+    x = [torch.zeros(2, 4)]
+    cases = [
+        (([], x), "blocks must be a non-empty sequence of (dense, moe) pairs, got an empty list"),
+        ((torch.nn.Linear(4, 4), x), "blocks must be a non-empty sequence of (dense, moe) pairs, got Linear"),
+        (([(abs,)], x), "blocks[0] must be a (dense, moe) pair, got a tuple of length 1"),
+        (([(1, 2)], x), "blocks[0][0] (the dense part) must be callable, got int"),
+        (
+            ([(abs, torch.nn.Linear(4, 4))], x),
+            "blocks[0][1] (the MoE part) must be an ExpertParallelDMoE, got Linear",
+        ),
+    ]
+    for args, msg in cases:
+        with pytest.raises(TypeError, match=re.escape(msg)):
+            interleaved_forward(*args)
+    with pytest.raises(TypeError, match="return_aux must be a bool, got 1"):
+        interleaved_forward([(abs, None)], x, return_aux=1)
+    with pytest.raises(
+        TypeError, match=re.escape("microbatches must be a non-empty list of tensors (one per micro-batch), got Tensor")
+    ):
+        interleaved_forward(None, torch.zeros(2, 4))

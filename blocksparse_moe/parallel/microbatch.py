@@ -126,11 +126,17 @@ def _check_blocks(blocks) -> list:
     from .layer import ExpertParallelDMoE
 
     if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or len(blocks) == 0:
-        raise TypeError(f"blocks must be a non-empty sequence of (dense, moe) pairs, got {blocks!r}")
+        what = (
+            f"an empty {type(blocks).__name__}"
+            if isinstance(blocks, Sequence) and not blocks
+            else type(blocks).__name__
+        )
+        raise TypeError(f"blocks must be a non-empty sequence of (dense, moe) pairs, got {what}")
     out = []
     for i, block in enumerate(blocks):
         if not (isinstance(block, Sequence) and len(block) == 2):
-            raise TypeError(f"blocks[{i}] must be a (dense, moe) pair, got {block!r}")
+            size = f" of length {len(block)}" if isinstance(block, Sequence) else ""
+            raise TypeError(f"blocks[{i}] must be a (dense, moe) pair, got a {type(block).__name__}{size}")
         dense, moe = block
         if not callable(dense):
             raise TypeError(f"blocks[{i}][0] (the dense part) must be callable, got {type(dense).__name__}")
@@ -186,9 +192,14 @@ def interleaved_forward(blocks, microbatches, *, return_aux: bool = False):
     """
     if not isinstance(return_aux, bool):
         raise TypeError(f"return_aux must be a bool, got {return_aux!r}")
-    blocks = _check_blocks(blocks)
     if isinstance(microbatches, torch.Tensor) or not isinstance(microbatches, Sequence) or len(microbatches) == 0:
-        raise TypeError(f"microbatches must be a non-empty list of tensors, got {type(microbatches).__name__}")
+        what = (
+            "an empty sequence"
+            if isinstance(microbatches, Sequence) and not microbatches
+            else type(microbatches).__name__
+        )
+        raise TypeError(f"microbatches must be a non-empty list of tensors (one per micro-batch), got {what}")
+    blocks = _check_blocks(blocks)
     M = len(microbatches)
     stages = [(i, m) for i in range(len(blocks)) for m in range(M)]
     h = list(microbatches)
