@@ -12,11 +12,25 @@ from hypothesis import given, settings
 from test_moe_ffn import EDGE_CASES, ffn_cases, run_case
 
 from blocksparse_moe import RoutingPlan, moe_ffn, plan_routing
-from blocksparse_moe.backends import grouped_ffn, grouped_mm_layout_ok
+from blocksparse_moe.backends import grouped_ffn, grouped_mm, grouped_mm_layout_ok
 from blocksparse_moe.functional import routed_ffn
 from blocksparse_moe.reference import activation_name, moe_ffn_dense
 
 PRODUCTS = ["loops", "grouped_mm"]
+
+
+@pytest.fixture(params=["mm", "row-dots", "cpu-grouped-mm"])
+def cpu_rule(request, monkeypatch):
+    """Each way the CPU loops may take a product, forced (which one runs depends on the machine and size).
+
+    ``mm``: ``torch.mm`` per expert; ``row-dots``: one- and two-row products as row dots
+    (``row_dots_pay`` holds on AMD CPUs); ``cpu-grouped-mm``: one ``F.grouped_mm`` from one
+    active expert on (``_GMM_MIN_ACTIVE``; 32 by default).
+    """
+    monkeypatch.setattr(grouped_mm, "row_dots_pay", lambda: request.param == "row-dots")
+    if request.param == "cpu-grouped-mm":
+        monkeypatch.setattr(grouped_mm, "_GMM_MIN_ACTIVE", 1)
+    return request.param
 
 
 @settings(max_examples=examples(30))
@@ -65,11 +79,11 @@ def _oracle(ids, leaves, layout, F):
 @pytest.mark.parametrize("layout", ["concat", "interleave"])
 @pytest.mark.parametrize("H", [24, 37], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("T", [29, 2, 1], ids=["batch", "two-tokens", "decode"])
-def test_fused_gate_up_and_transposed_weights(products, layout, H, T):
+def test_fused_gate_up_and_transposed_weights(products, layout, H, T, cpu_rule):
     """A fused [E, 2F, H] gate/up and a [E, H, F] down, read through transposed views, in place.
 
-    One and two tokens: every expert has at most two rows, where the CPU loops take these
-    weights' products as row dots (``_DOT_MAX_ROWS``) rather than ``torch.mm``.
+    One and two tokens: every expert has at most two rows, where the CPU loops may take these
+    weights' products as row dots (``_DOT_MAX_ROWS``) rather than ``torch.mm`` (``cpu_rule``).
     """
     E, k, F = 7, 3, 20
     ids, leaves = _leaves(T, E, k, H, F)
@@ -121,7 +135,7 @@ def _padded_plan(ids: torch.Tensor, E: int) -> RoutingPlan:
 
 @pytest.mark.parametrize("products", PRODUCTS)
 @pytest.mark.parametrize("glu", [False, True], ids=["mlp", "glu"])
-def test_padded_rows_with_nan_inputs_read_as_zero(products, glu):
+def test_padded_rows_with_nan_inputs_read_as_zero(products, glu, cpu_rule):
     """Rows past the last expert's end are never read: NaN there stays out of every result (pytorch #193633)."""
     T, E, H, F = 30, 3, 16, 24
     g = torch.Generator().manual_seed(2)

@@ -110,7 +110,11 @@ def _split_gate_up(pre1: Tensor, pre3: Tensor, layout: str) -> tuple[Tensor, Opt
 
 def _index_add_rows(rows: Tensor, index: Tensor, num_out: int) -> Tensor:
     """``out[index[i]] += rows[i]`` in fp32 for half inputs; deterministic on the CPU."""
-    acc = torch.zeros(num_out, rows.shape[1], dtype=_compute_dtype(rows.dtype), device=rows.device)
+    cd = _compute_dtype(rows.dtype)
+    if num_out == 1:  # one token (a decode step): every row is its own, a sum in row order
+        acc = rows.sum(0, keepdim=True, dtype=cd)
+        return acc if acc.dtype == rows.dtype else acc.to(rows.dtype)
+    acc = torch.zeros(num_out, rows.shape[1], dtype=cd, device=rows.device)
     acc.index_add_(0, index, rows if rows.dtype == acc.dtype else rows.to(acc.dtype))
     return acc if acc.dtype == rows.dtype else acc.to(rows.dtype)
 
@@ -137,7 +141,9 @@ def _tokens(sorted_to_slot: Tensor, top_k: int) -> Tensor:
 
 
 def _sorted_weights(weights: Optional[Tensor], sorted_to_slot: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-    return None if weights is None else weights.reshape(-1)[sorted_to_slot.long()].to(_compute_dtype(dtype))[:, None]
+    if weights is None:
+        return None
+    return weights.reshape(-1).index_select(0, sorted_to_slot).to(_compute_dtype(dtype))[:, None]
 
 
 # The FFN is two autograd nodes, each a forward op and a backward op:

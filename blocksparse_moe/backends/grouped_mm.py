@@ -27,23 +27,60 @@ its plan has such rows).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GroupedProducts", "grad_like", "grouped_mm_layout_ok", "gmm", "gmm_wgrad", "valid_rows"]
+__all__ = ["GroupedProducts", "grad_like", "grouped_mm_layout_ok", "gmm", "gmm_wgrad", "row_dots_pay", "valid_rows"]
 
 Tensor = torch.Tensor
 #: Rows per chunk of the elementwise work on a CPU: ~1 MB fp32 temporaries at this width.
 _CPU_CHUNK_ELEMENTS = 1 << 18
 #: Most rows of an expert for which a CPU product against a weight stored ``[N, K]`` (as
 #: transformers stores its experts: ``x @ W^T``) runs as row dots (``linalg.vecdot``) instead
-#: of ``torch.mm``. There MKL's matrix-vector product reads the weight at ~8 GB/s on one thread;
-#: the dot reduction streams it on every intra-op thread. Measured (2-core machine, fp32, 8
-#: experts of [1024, 512] from memory): 1 row 1.4x (1 thread) / 2.2x (2 threads) faster, 2 rows
-#: 1.2x / 1.7x, 4 rows slower (0.6x / 0.95x). A decode step has 1 row per expert.
+#: of ``torch.mm``, where :func:`row_dots_pay`. A decode step has 1 row per expert.
 _DOT_MAX_ROWS = 2
+#: From this many experts with rows, a CPU product is one ``F.grouped_mm`` (its loop over the
+#: groups runs in C++) rather than a Python loop of ``torch.mm``, if its output is small enough
+#: (below). Measured (2-core Xeon, fp32, E=64, [*, 512] @ [512, 1024], 2026-12-03): loops/grouped_mm
+#: 0.75-0.98 at 4-16 active experts, 1.03-1.10 at 32-64 (1, 4 and 32 rows each).
+_GMM_MIN_ACTIVE = 32
+#: Largest output (bytes) that ``F.grouped_mm`` may allocate fresh on a CPU. glibc serves up to
+#: about this size from memory it already holds; past it a fresh buffer is new pages, and page
+#: faults cost more than the product saves (measured: filling a fresh 16 MB tensor 1.1x the time
+#: of an existing one, 24 MB and up 1.9-2.7x).
+_GMM_MAX_OUT_BYTES = 16 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``/proc/cpuinfo``'s ``vendor_id``), ``""`` where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def row_dots_pay() -> bool:
+    """Whether one- and two-row products against an ``[N, K]`` weight are faster as row dots than by MKL.
+
+    Only on AMD CPUs, with two or more intra-op threads: there MKL's matrix-vector product
+    runs on one thread (8 GB/s), the row dot on all of them. Measured on 2-core VMs, 8
+    products of one row against [1024, 512] weights, interleaved:
+
+    * AMD EPYC (2026-12-02/03): dots 1.4x and 2.2x faster on 1 and 2 threads the first day,
+      0.72x / 1.11x the next; the model's decode 1.13 of transformers' with them, 0.98 without;
+    * Intel Xeon (2026-12-03): ``torch.mm`` reads the weights at 25 GB/s on 2 threads (the
+      machine's bandwidth) and the dots are 0.63x of it; the model's decode 0.81 of
+      transformers' with them, 1.00 without.
+    """
+    return _cpu_vendor() == "AuthenticAMD" and torch.get_num_threads() >= 2
 
 
 def _operand_ok(t: torch.Tensor) -> bool:
@@ -138,12 +175,19 @@ class GroupedProducts:
         return [slice(i, min(i + step, self.rows)) for i in range(0, self.rows, step)]
 
     def mm(self, a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """``out[rows of e] = a[rows of e] @ b[e]``; rows past the last expert: unspecified."""
+        """``out[rows of e] = a[rows of e] @ b[e]``; rows past the last expert: unspecified.
+
+        ``out`` is a buffer the result may be written into; use the returned tensor.
+        """
         if not self.host:
             return gmm(a, b, self.offs)
+        if (len(self.active) >= _GMM_MIN_ACTIVE and a.shape[0] * b.shape[2] * a.element_size() <= _GMM_MAX_OUT_BYTES
+                and grouped_mm_layout_ok(a, b)):  # fmt: skip
+            return F.grouped_mm(a, b, offs=self.offs)  # many experts, small output: the C++ loop
         out = a.new_empty(a.shape[0], b.shape[2]) if out is None else out
         # b[e] stored [N, K] with unit stride along K: its rows are the dots of a matrix-vector product
-        bt = b.transpose(1, 2) if b.stride(1) == 1 and b.dtype in (torch.float32, torch.float64) else None
+        dots = b.stride(1) == 1 and b.dtype in (torch.float32, torch.float64) and row_dots_pay()
+        bt = b.transpose(1, 2) if dots else None
         for (e, lo, hi), a_e, out_e in zip(self.active, a.split(self.sizes)[1:], out.split(self.sizes)[1:]):
             if bt is not None and hi - lo <= _DOT_MAX_ROWS:
                 for r in range(hi - lo):  # fp32/64 only: half products would round before the sum
