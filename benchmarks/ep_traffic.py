@@ -90,13 +90,13 @@ def exact_traffic(expert_ids, owners, hidden, elem_bytes, *, node_of=None, hiera
 
 def _hierarchical(me, ids, counts, by_rank, nodes, members, local, row_b, elem_bytes, k) -> dict:
     W = len(ids)
-    n, l = nodes[me], local[me]
+    n, loc = nodes[me], local[me]
     node_of_expert = {e: nodes[r] for r in range(W) for e in by_rank[r]}
 
     def tokens_for(s, node):  # rank s's tokens with at least one expert on `node`
         return sum(1 for row in ids[s] if any(node_of_expert[e] == node for e in row))
 
-    rail = [r for r in range(W) if local[r] == l]  # my rail: one rank per node
+    rail = [r for r in range(W) if local[r] == loc]  # my rail: one rank per node
     # Stage A: my tokens to each other node's rail peer; theirs to me (the same number comes back).
     a_sent = sum(tokens_for(me, nodes[p]) for p in rail if p != me)
     a_recv = sum(tokens_for(s, n) for s in rail if s != me)
@@ -113,7 +113,7 @@ def _hierarchical(me, ids, counts, by_rank, nodes, members, local, row_b, elem_b
     for p in range(W):
         if p != me:
             count_words += len(by_rank[p]) + 1
-            if local[p] == l:  # a rail peer also gets the counts of its node's experts and my token count
+            if local[p] == loc:  # a rail peer also gets the counts of its node's experts and my token count
                 count_words += sum(len(by_rank[r]) for r in members[nodes[p]]) + 1
     return dict(
         bytes_sent=total, bytes_received=total, meta_bytes=a_sent * k * (elem_bytes + ID_BYTES),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 
 from parallel_harness import scenario
-from parallel_models import Tiny, batch, config, full_batch, loss_fn, parallel, reference
+from parallel_models import Tiny, batch, config, loss_fn, parallel, reference
 
 E, GLU, LR = 8, True, 1e-2
 TOL = dict(atol=2e-5, rtol=2e-5)

@@ -20,7 +20,8 @@ Scenarios are registered by name with ``@scenario`` in the modules listed in
 ``parallel_mesh_scenarios``: dp x ep, DDP, FSDP2, placements, statistics;
 ``parallel_ckpt_scenarios``: resharding checkpoints; ``parallel_hf_scenarios``:
 Hugging Face models; ``parallel_bounded_scenarios``: ``max_recv_rows``;
-``parallel_longrun_scenarios``: many training steps while routing shifts). A test
+``parallel_longrun_scenarios``: many training steps while routing shifts;
+``parallel_microbatch_scenarios``: two micro-batches interleaved). A test
 passes scenario names, not functions: a worker imports those modules and looks each
 name up in ``SCENARIOS``.
 """
@@ -46,7 +47,7 @@ SCENARIOS: dict = {}
 SCENARIO_MODULES = (
     "parallel_scenarios", "parallel_fault_scenarios", "parallel_mesh_scenarios", "parallel_ckpt_scenarios",
     "parallel_hf_scenarios", "parallel_comm_scenarios", "parallel_bounded_scenarios", "parallel_longrun_scenarios",
-    "parallel_routing_scenarios", "parallel_replica_scenarios",
+    "parallel_routing_scenarios", "parallel_replica_scenarios", "parallel_microbatch_scenarios",
 )  # fmt: skip
 
 

@@ -366,10 +366,3 @@ def mb_layer_beside(rank, W):
             raise AssertionError(f"rank {rank}: a non-callable beside on rank 0 did not raise")
         assert torch.equal(ep(x), plain)  # still usable
     return {}
-
-
-def worker_main(*args):
-    """``parallel_harness._worker_main`` after importing this module (it registers the scenarios above)."""
-    import parallel_harness
-
-    return parallel_harness._worker_main(*args)

@@ -9,13 +9,10 @@ world size is one launch (with a deadline: nothing hangs).
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch.distributed as dist
 
 import parallel_harness as harness
-import parallel_microbatch_scenarios as scenarios
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -27,10 +24,7 @@ CASES = ["mb_flat", "mb_node", "mb_chunks", "mb_capacity", "mb_overlap", "mb_bes
 
 
 def _launch(world_size, timeout, pg_timeout):
-    # parallel_harness.SCENARIO_MODULES does not list the scenarios module (that file is not
-    # this test's to edit): the workers start from an entry point that imports it first.
-    with mock.patch.object(harness, "_worker_main", scenarios.worker_main):
-        return harness.launch(world_size, CASES, timeout=timeout, pg_timeout=pg_timeout)
+    return harness.launch(world_size, CASES, timeout=timeout, pg_timeout=pg_timeout)
 
 
 @pytest.fixture(scope="module")
