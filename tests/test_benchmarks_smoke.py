@@ -122,3 +122,15 @@ def test_report_renders_tables_and_keeps_the_preamble(smoke_run, tmp_path):
 
 def data_is_gpu(path: Path) -> bool:
     return json.loads(path.read_text())["env"]["device"] == "cuda"
+
+
+def test_ep_microbatch_benchmark_runs_at_two_ranks(tmp_path):
+    """``python -m benchmarks.ep_microbatch`` end to end at the smallest size (a subprocess with a deadline)."""
+    out = tmp_path / "mb.json"
+    cmd = [sys.executable, "-m", "benchmarks.ep_microbatch", "--ranks", "2", "--tokens", "8", "--hidden", "16",
+           "--ffn", "8", "--dense-ffn", "16", "--experts", "4", "--steps", "1", "--warmup", "0", "--json", str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=170, capture_output=True)
+    res = json.loads(out.read_text())["results"]
+    assert {"sequential", "block-major", "interleaved"} <= set(res)
+    assert res["sequential_over_interleaved"]["median"] > 0
