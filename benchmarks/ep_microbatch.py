@@ -17,7 +17,10 @@ The same modules and inputs serve both; the step time is the slowest rank's, med
 over ``--steps`` rounds, both modes once per round (interleaved, so load drift hits
 both alike). What interleaving can win here: a rank that has routed waits for its
 slowest peer in the count exchange; with another micro-batch's dense part to run it
-computes instead of waiting.
+computes instead of waiting. The results file also holds one traced step of
+``block-major`` and ``interleaved`` per rank (``trace_per_rank``: each layer call's
+count exchange, host read, ``beside`` work, transfers and experts, in ms from the step's
+start), so the filled gap can be seen.
 
     OMP_NUM_THREADS=1 python -m benchmarks.ep_microbatch --json out.json
 """
@@ -42,6 +45,7 @@ def _worker(rank, W, port, args, path):
 
     from blocksparse_moe import MoEConfig
     from blocksparse_moe.parallel import ExpertParallelDMoE, interleaved_forward
+    from blocksparse_moe.parallel.trace import StageTrace
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
@@ -106,6 +110,22 @@ def _worker(rank, W, port, args, path):
                 times[name].append(dt)
     results = {m: {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "all_ms": [v * 1e3 for v in t]}
                for m, t in times.items()}  # fmt: skip
+    # One more step of the control and of interleaved with every layer's stage trace on, every
+    # rank's: [layer, stage, chunk, start ms, end ms] from the step's start, sorted by start.
+    for name in ("block-major", "interleaved"):
+        traces = [StageTrace() for _ in blocks]
+        for (_, moe), tr in zip(blocks, traces):
+            moe.trace = tr
+        dist.barrier()
+        t0 = time.perf_counter()
+        sum(o.square().mean() for o in modes[name]()).backward()
+        mine = sorted(([f"moe{i}", *row] for i, tr in enumerate(traces) for row in tr.table(origin=t0)),
+                      key=lambda r: r[3])  # fmt: skip
+        for _, moe in blocks:
+            moe.trace = None
+        gathered = [None] * W
+        dist.all_gather_object(gathered, mine)
+        results[name]["trace_per_rank"] = gathered
     for m in ("sequential", "block-major"):
         per_round = [a / b for a, b in zip(times[m], times["interleaved"])]
         results[f"{m}_over_interleaved"] = {"median": statistics.median(per_round), "per_round": per_round}
