@@ -33,8 +33,9 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
+
+from benchmarks.gloo_ranks import run_ranks
 
 
 def _worker(rank, W, port, args, path):
@@ -155,19 +156,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "out.json")
-        mp.start_processes(_worker, args=(args.ranks, port, args, path), nprocs=args.ranks, start_method="spawn")
-        with open(path) as f:
-            out = json.load(f)
+    out = run_ranks(_worker, args.ranks, args)
     import torch
 
     from benchmarks.common import environment

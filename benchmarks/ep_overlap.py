@@ -20,8 +20,9 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
+
+from benchmarks.gloo_ranks import run_ranks
 
 
 def _worker(rank, W, port, args, path):
@@ -93,19 +94,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "out.json")
-        mp.start_processes(_worker, args=(args.ranks, port, args, path), nprocs=args.ranks, start_method="spawn")
-        with open(path) as f:
-            out = json.load(f)
+    out = run_ranks(_worker, args.ranks, args)
     for name, r in out["results"].items():
         print(f"{name:10s} fwd+bwd median {r['median_ms']:8.1f} ms, min {r['min_ms']:8.1f} ms "
               f"(of {len(r['all_ms'])} interleaved rounds; slowest rank)")
