@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.gloo_ranks import run_ranks
+from benchmarks.gloo_ranks import add_rank_arguments, finish, run_ranks
 
 
 def _worker(rank, W, port, args, path):
@@ -130,17 +130,13 @@ def _worker(rank, W, port, args, path):
     for m in ("sequential", "block-major"):
         per_round = [a / b for a, b in zip(times[m], times["interleaved"])]
         results[f"{m}_over_interleaved"] = {"median": statistics.median(per_round), "per_round": per_round}
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
-    dist.destroy_process_group()
+    finish(rank, path, args, results)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.ep_microbatch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--per-node", type=int, default=2)
+    add_rank_arguments(p, steps=9)
     p.add_argument("--tokens", type=int, default=256, help="tokens per rank and micro-batch")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--ffn", type=int, default=256)
@@ -151,10 +147,6 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--hierarchy", default="flat")
     p.add_argument("--chunks", type=int, default=1)
-    p.add_argument("--steps", type=int, default=9)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     out = run_ranks(_worker, args.ranks, args)
     import torch

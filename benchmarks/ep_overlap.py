@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.gloo_ranks import run_ranks
+from benchmarks.gloo_ranks import add_rank_arguments, finish, run_ranks
 
 
 def _worker(rank, W, port, args, path):
@@ -70,17 +70,13 @@ def _worker(rank, W, port, args, path):
             "median_ms": statistics.median(times[name]) * 1e3, "min_ms": min(times[name]) * 1e3,
             "all_ms": [t * 1e3 for t in times[name]], "trace": ep.trace.table(origin=t0),
         }  # fmt: skip
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
-    dist.destroy_process_group()
+    finish(rank, path, args, results)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.ep_overlap", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--per-node", type=int, default=2)
+    add_rank_arguments(p, steps=5)
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=512)
@@ -89,10 +85,6 @@ def main(argv=None):
     p.add_argument("--backend", default="torch")
     p.add_argument("--hierarchy", default="flat,node")
     p.add_argument("--chunks", default="1,2,4")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     out = run_ranks(_worker, args.ranks, args)
     for name, r in out["results"].items():

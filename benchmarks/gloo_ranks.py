@@ -26,3 +26,23 @@ def run_ranks(worker, ranks: int, args) -> dict:
         mp.start_processes(worker, args=(ranks, port, args, path), nprocs=ranks, start_method="spawn")
         with open(path) as f:
             return json.load(f)
+
+
+def add_rank_arguments(parser, steps: int) -> None:
+    """The options every such benchmark takes: ranks, simulated node size, rounds, threads, output."""
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--per-node", type=int, default=2, help="ranks per simulated node (LOCAL_WORLD_SIZE)")
+    parser.add_argument("--steps", type=int, default=steps, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    parser.add_argument("--json", default=None, help="write the results here")
+
+
+def finish(rank: int, path: str, args, results: dict) -> None:
+    """Rank 0 writes ``{"args", "results"}`` for :func:`run_ranks`; every rank leaves the group."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    dist.destroy_process_group()
