@@ -168,6 +168,7 @@ def test_grouped_mm_layout_rules():
     assert grouped_mm_layout_ok(torch.empty(8, 16), torch.empty(2, 8, 16).transpose(1, 2))
     assert not grouped_mm_layout_ok(torch.empty(8, 37), torch.empty(2, 37, 8))  # 148-byte rows
     assert not grouped_mm_layout_ok(torch.empty(8, 16), torch.empty(2, 16, 16)[..., 0::2])  # interleaved
+    assert not grouped_mm_layout_ok(torch.empty(8, 16, dtype=torch.float64), torch.empty(2, 16, 8, dtype=torch.float64))
 
 
 def test_activation_names():
@@ -253,3 +254,25 @@ def test_eager_inference_keeps_the_ops_for_meta_tensors():
     with torch.no_grad():
         y = moe_ffn(x, ids, w, w1, w2, backend="grouped")
     assert y.device.type == "meta" and y.shape == (T, H)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_active_experts_on_the_default_cpu_rule(dtype):
+    """A prefill-like plan, 37 experts (prime) all with rows: fp32 takes the CPU's one-``F.grouped_mm`` rule
+    (``_GMM_MIN_ACTIVE``), float64 (which ``F.grouped_mm`` refuses) the loop; both against the float64 oracle."""
+    T, E, k, H, F = 96, 37, 3, 16, 8
+    assert E >= grouped_mm._GMM_MIN_ACTIVE
+    g = torch.Generator().manual_seed(5)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    x = torch.randn(T, H, generator=g, dtype=dtype)
+    w = torch.rand(T, k, generator=g, dtype=dtype)
+    w13 = torch.randn(E, 2 * F, H, generator=g, dtype=dtype) / 4  # transformers' [E, 2F, H]
+    w2t = torch.randn(E, H, F, generator=g, dtype=dtype) / 4
+    plan = plan_routing(ids, E)
+    assert int((plan.tokens_per_expert > 0).sum()) == E
+    with torch.no_grad():
+        y = grouped_ffn(x, plan, w, w13.transpose(1, 2), w2t.transpose(1, 2), activation="silu", layout="concat")
+    ref = moe_ffn_dense(x.double(), ids, w.double(), w13.double().transpose(1, 2)[..., :F],
+                        w2t.double().transpose(1, 2), w13.double().transpose(1, 2)[..., F:], activation="silu")  # fmt: skip
+    tol = TOLERANCES[torch.float32] if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    assert_close(y, ref, **tol, name=f"output {dtype}")

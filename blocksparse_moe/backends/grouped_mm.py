@@ -13,7 +13,8 @@ Both run one ``F.grouped_mm`` when its layout rules hold. Checked on torch 2.13
   (the batch stride of ``b`` too) are multiples of 16 bytes;
 * every data pointer is 16-byte aligned;
 * so interleaved halves of a fused weight (stride 2) and hidden sizes that are not a
-  multiple of 16 bytes (4 fp32 / 8 half elements) are refused.
+  multiple of 16 bytes (4 fp32 / 8 half elements) are refused;
+* and float64 is refused ("Expected mat_a to be Float32, BFloat16 or Float16").
 
 Where the rules fail, the product is a loop of ``torch.mm`` over the experts, which
 reads the offsets back to the host (``.tolist()``): free on a CPU, a sync on an
@@ -77,13 +78,18 @@ def row_dots_pay() -> bool:
     * AMD EPYC (2026-12-02/03): dots 1.4x and 2.2x faster on 1 and 2 threads the first day,
       0.72x / 1.11x the next; the model's decode 1.13 of transformers' with them, 0.98 without;
     * Intel Xeon (2026-12-03): ``torch.mm`` reads the weights at 25 GB/s on 2 threads (the
-      machine's bandwidth) and the dots are 0.63x of it; the model's decode 0.81 of
-      transformers' with them, 1.00 without.
+      machine's bandwidth) and the dots are 0.63x of it; a one-token forward of the model
+      0.81 of transformers' with them, 0.98 to 1.00 without.
     """
     return _cpu_vendor() == "AuthenticAMD" and torch.get_num_threads() >= 2
 
 
+_GMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _operand_ok(t: torch.Tensor) -> bool:
+    if t.dtype not in _GMM_DTYPES:
+        return False
     es = t.element_size()
     if t.data_ptr() % 16:
         return False
@@ -100,7 +106,7 @@ def _operand_ok(t: torch.Tensor) -> bool:
 
 
 def grouped_mm_layout_ok(*operands: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` accepts these operands' strides and pointers (rules above)."""
+    """Whether ``F.grouped_mm`` accepts these operands' dtypes, strides and pointers (rules above)."""
     return all(_operand_ok(t) for t in operands)
 
 
