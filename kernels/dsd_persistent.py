@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .checks import check_block_data, check_same, check_tensor
 from .config import _fits, _registers_fit, dot_precision, interpreting, needs_upcast
-from .sdd_persistent import _default_programs, check_config_keys, resolve_tma, schedule_tiles, tma_problem
+from .persistent_common import _default_programs, check_config_keys, resolve_tma, schedule_tiles, tma_problem
 
 
 @triton.jit

@@ -46,7 +46,7 @@ import triton.language as tl
 from .checks import check_block_data, check_same, check_tensor
 from .config import dot_precision, needs_upcast
 from .dsd_persistent import dsd_persistent_configs, pick_default
-from .sdd_persistent import _SCHEDULE_TILE, _default_programs, check_config_keys, resolve_tma, tma_problem
+from .persistent_common import _SCHEDULE_TILE, _default_programs, check_config_keys, resolve_tma, tma_problem
 from .tiling import GROUP, grouped_tile
 
 

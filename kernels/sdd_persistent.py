@@ -14,14 +14,20 @@ Triton's ``triton_kernels`` matmul_ogs is:
   the SM count on a GPU) loop ``for t in tl.range(pid, tiles, num_programs)``. Active
   tiles are spread round-robin over the programs; a spare tile runs no K step and
   stores zeros (the contract), so it costs one store.
-* **TMA-fed dense operands** (``USE_TMA``): ``tl.make_tensor_descriptor`` over ``a``
+* **TMA-fed dense operands** (``A_TMA``, ``B_TMA``): ``tl.make_tensor_descriptor`` over ``a``
   ``[S, K]`` and over ``b`` as one 3-D ``[E, K, N]`` (or K-major ``[E, N, K]``)
   descriptor, created once per program (outside the tile loop, so the tensormap
   writes are amortised over the program's tiles). The box zero-fills past ``S``, ``K``
   and ``N``, but not past an expert's last row: those rows of ``a`` belong to the next
   expert, so the epilogue zeroes the accumulator rows past ``block_row_end`` (exact:
-  output row ``i`` depends only on row ``i`` of ``a``). With ``USE_TMA`` off, the same
+  output row ``i`` depends only on row ``i`` of ``a``). With TMA off, the same
   kernel loads through masked pointers (any strides).
+* **The fused gather** (``GATHER``, ``gather=``): ``a`` is the unsorted token rows
+  ``[T, K]`` and ``gather [S]`` int32 maps sorted row -> token row (``token_index(plan)``),
+  as ScatterMoE and SonicMoE do on Hopper: each tile loads its ``BLOCK`` indices once and
+  then ``a``'s rows through them with masked pointer loads (sm_90's TMA cannot gather
+  rows, so ``A_TMA`` is off), while ``b`` may still come by TMA (``B_TMA``). The
+  separate gather kernel's ``[S, K]`` copy is then neither written nor read again.
 * **GLU** (``GLU``): gate and up weights as two B operands into two accumulators
   (one ``BLOCK x 2*BLOCKS_N*BLOCK`` pass over ``a``), ``h = silu(x@w1) * (x@v1)`` in the
   epilogue; only ``h`` is written, and the pre-activations only when asked
@@ -33,7 +39,6 @@ so nothing uses them by default (docs/perf-notes.md, "Persistent TMA kernels").
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import torch
@@ -42,45 +47,29 @@ import triton.language as tl
 
 from .checks import check_block_args, check_same, check_tensor
 from .config import _fits, _registers_fit, dot_precision, interpreting, needs_upcast
-from .tiling import GROUP
 
-_TMA_ALIGN = 16  # bytes: TMA needs a 16-byte aligned base and 16-byte multiple strides
-_SCHEDULE_TILE = 1024
-DEFAULT_NUM_PROGRAMS_CPU = 4  # under the interpreter: a few programs, so the striding is exercised
-
-
-@triton.jit
-def _schedule_kernel(
-    offsets_ptr,  # [R + 1] int32: offsets[R] = active blocks
-    schedule_ptr,  # [R * NT] int32 out: tile -> (r << COL_BITS) | c
-    R,
-    F,
-    NT,  # column tiles per block row: cdiv(F, BLOCKS_N)
-    COL_BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    TILE: tl.constexpr,
-):
-    """Grid ``(cdiv(R * NT, TILE),)``: the active tiles in grouped order, then the spare ones row-major."""
-    t = tl.program_id(0) * TILE + tl.arange(0, TILE)
-    valid = t < R * NT
-    r_act = tl.load(offsets_ptr + R) // F  # active block rows (all F blocks of a row are active)
-    n_act = r_act * NT
-    # Grouped order over the r_act active rows (tiling.grouped_tile, with its divisor kept
-    # >= 1 on the lanes that are not active tiles and take the spare branch below).
-    width = GROUP * NT
-    first = (t // width) * GROUP
-    rows_here = tl.maximum(tl.minimum(r_act - first, GROUP), 1)
-    r_grouped = first + (t % width) % rows_here
-    c_grouped = (t % width) // rows_here
-    spare = t - n_act
-    r = tl.where(t < n_act, r_grouped, r_act + spare // NT)
-    c = tl.where(t < n_act, c_grouped, spare % NT)
-    tl.store(schedule_ptr + t, (r << COL_BITS) | c, mask=valid)
+# The helpers shared with the persistent DSD and DSD^T live in persistent_common; these
+# names stay importable from here (tests/sm90_persistent_worker.py, benchmarks/persistent.py).
+from .persistent_common import (  # noqa: F401
+    _SCHEDULE_TILE,
+    _TMA_ALIGN,
+    DEFAULT_NUM_PROGRAMS_CPU,
+    _default_programs,
+    _ensure_allocator,
+    _schedule_kernel,
+    _sm_count,
+    check_config_keys,
+    resolve_tma,
+    schedule_tiles,
+    tma_problem,
+)
+from .tiling import GROUP  # noqa: F401 - re-exported: the worker compiles _schedule_kernel with it
 
 
 @triton.jit
 def _sdd_persistent_kernel(
-    a_ptr,  # [S, K] sorted rows, strides (stride_am, stride_ak)
+    a_ptr,  # [S, K] sorted rows, or [T, K] token rows under GATHER; strides (stride_am, stride_ak)
+    gather_ptr,  # [S] int32 sorted row -> row of a (GATHER only; schedule_ptr otherwise, never read), stride stride_g
     b_ptr,  # [E, K, N] per-expert dense (gate weights under GLU), strides (stride_be, stride_bk, stride_bn)
     v_ptr,  # [E, K, N] up weights (GLU only; b_ptr otherwise), strides (stride_ve, stride_vk, stride_vn)
     out_ptr,  # [capacity, BLOCK, BLOCK] contiguous: the product, or h = silu(gate) * up under GLU
@@ -101,6 +90,7 @@ def _sdd_persistent_kernel(
     E,
     stride_am,
     stride_ak,
+    stride_g,
     stride_be,
     stride_bk,
     stride_bn,
@@ -111,8 +101,10 @@ def _sdd_persistent_kernel(
     BLOCK_K: tl.constexpr,
     BLOCKS_N: tl.constexpr,
     COL_BITS: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    B_K_MAJOR: tl.constexpr,  # TMA only: b and v are K-contiguous views (stride_bk == 1), e.g. w2^T
+    GATHER: tl.constexpr,  # a's rows through gather_ptr (the fused gather); then A_TMA is off
+    A_TMA: tl.constexpr,  # a through a [S, K] descriptor (TMA cannot gather rows on sm_90)
+    B_TMA: tl.constexpr,  # b (and v) through a 3-D descriptor
+    B_K_MAJOR: tl.constexpr,  # B_TMA only: b and v are K-contiguous views (stride_bk == 1), e.g. w2^T
     GLU: tl.constexpr,
     STORE_PRE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -132,10 +124,11 @@ def _sdd_persistent_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_active = tl.load(offsets_ptr + R)
     k_steps = tl.cdiv(K, BLOCK_K)
-    if USE_TMA:
-        # Once per program: the tensormaps are written to the global scratch that
-        # triton.set_allocator provides (128 bytes each), then reused for every tile.
+    # Once per program: the tensormaps are written to the global scratch that
+    # triton.set_allocator provides (128 bytes each), then reused for every tile.
+    if A_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[S, K], strides=[stride_am, 1], block_shape=[BLOCK, BLOCK_K])
+    if B_TMA:
         if B_K_MAJOR:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, N, K], strides=[stride_be, stride_bn, 1],
                                                block_shape=[1, BN, BLOCK_K])  # fmt: skip
@@ -164,27 +157,36 @@ def _sdd_persistent_kernel(
         col_mask = cols < N
         acc = tl.zeros((BLOCK, BN), dtype=tl.float32)
         acc_v = tl.zeros((BLOCK, BN), dtype=tl.float32)  # GLU's up projection (dead code otherwise)
-        a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        if GATHER:
+            # Sorted row -> row of a, once per tile (not per K step). Rows past the expert's end
+            # (and a spare tile's empty range, start = end = S) read neither the index nor a.
+            src = tl.load(gather_ptr + rows.to(tl.int64) * stride_g, mask=row_mask, other=0)
+        else:
+            src = rows
+        # int64 before the multiply: a row index times stride_am can pass 2**31.
+        a_ptrs = a_ptr + src.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_off = e.to(tl.int64) * stride_be + offs_k.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
         v_off = e.to(tl.int64) * stride_ve + offs_k.to(tl.int64)[:, None] * stride_vk + cols.to(tl.int64)[None, :] * stride_vn
         for ks in range(0, steps):
             k0 = ks * BLOCK_K
-            if USE_TMA:
+            k_mask = offs_k < K - k0  # the pointer loads' K edge (unused when both operands come by TMA)
+            if A_TMA:
                 a = a_desc.load([row0, k0])
+            else:
+                a = tl.load(a_ptrs + k0 * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if B_TMA:
                 if B_K_MAJOR:
                     b = tl.trans(b_desc.load([e, col0, k0]).reshape(BN, BLOCK_K))
                 else:
                     b = b_desc.load([e, k0, col0]).reshape(BLOCK_K, BN)
             else:
-                k_mask = offs_k < K - k0
-                a = tl.load(a_ptrs + k0 * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(b_ptr + b_off + k0 * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             if GLU:
-                if USE_TMA:
+                if B_TMA:
                     if B_K_MAJOR:
                         v = tl.trans(v_desc.load([e, col0, k0]).reshape(BN, BLOCK_K))
                     else:
@@ -195,7 +197,7 @@ def _sdd_persistent_kernel(
                     v = v.to(tl.float32)
                 acc_v = tl.dot(a, v, acc_v, input_precision=PRECISION)
         # Rows past the expert's end: TMA read the next expert's rows there. Zero them
-        # (the pointer path loaded zeros already; this keeps both paths one epilogue).
+        # (the pointer and gather paths loaded zeros already; this keeps one epilogue).
         acc = tl.where(row_mask[:, None], acc, 0.0)
         # Column j of the tile is column j % BLOCK of block first + j // BLOCK.
         blk = first + offs_n // BLOCK
@@ -267,69 +269,6 @@ def tile_schedule(topo, blocks_n: int) -> torch.Tensor:
     return schedule_tiles(topo, triton.cdiv(topo.ffn_blocks, blocks_n), "sdd_persistent")
 
 
-def schedule_tiles(topo, nt: int, what: str) -> torch.Tensor:
-    """``[R * nt]`` int32 tiles ``r << COL_BITS | c`` over ``nt`` column tiles, active block rows first (SDD and DSD)."""
-    R, F = topo.max_block_rows, topo.ffn_blocks
-    col_bits = max(1, (nt - 1).bit_length())
-    if R >= 1 << (31 - col_bits):
-        raise ValueError(f"{what}: {R} block rows x {nt} column tiles do not pack into an int32 schedule "
-                         f"(block rows must be < 2**{31 - col_bits})")  # fmt: skip
-    schedule = torch.empty(R * nt, dtype=torch.int32, device=topo.device)
-    if R * nt:
-        _schedule_kernel[(triton.cdiv(R * nt, _SCHEDULE_TILE),)](
-            topo.offsets, schedule, R, F, nt, COL_BITS=col_bits, GROUP=GROUP, TILE=_SCHEDULE_TILE
-        )
-    return schedule
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _default_programs(device: torch.device) -> int:
-    if device.type == "cuda" and not interpreting():
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_NUM_PROGRAMS_CPU
-
-
-def resolve_tma(op: str, use_tma, operand: torch.Tensor, problems: list) -> bool:
-    """Whether a persistent kernel loads through TMA; sets the descriptors' allocator when it does.
-
-    ``use_tma=None`` (auto): on a Hopper-or-newer GPU when no operand has a ``problem``
-    (:func:`tma_problem`); ``True`` with a problem is a ``ValueError`` naming the operands.
-    """
-    if use_tma is None:
-        use_tma = (operand.is_cuda and not interpreting() and torch.cuda.get_device_capability(operand.device)[0] >= 9
-                   and not problems)  # fmt: skip
-    elif use_tma and problems:
-        raise ValueError(f"{op}: use_tma=True but an operand does not qualify for TMA: " + "; ".join(problems))
-    if use_tma:
-        _ensure_allocator()
-    return bool(use_tma)
-
-
-def check_config_keys(op: str, cfg: dict, keys: tuple) -> None:
-    """A config of a persistent kernel holds only ``keys``: else a ``ValueError`` naming the others."""
-    unknown = set(cfg) - set(keys)
-    if unknown:
-        raise ValueError(f"{op}: config has unknown keys {sorted(unknown)}; expected {', '.join(keys)}")
-
-
-def tma_problem(name: str, t: torch.Tensor, unit_dim: int) -> str | None:
-    """Why ``t`` cannot be read through a TMA descriptor with ``unit_dim`` contiguous, or None if it can."""
-    es = t.element_size()
-    if t.stride(unit_dim) != 1:
-        return f"{name}.stride({unit_dim}) must be 1, got {t.stride(unit_dim)} (strides {tuple(t.stride())})"
-    if t.data_ptr() % _TMA_ALIGN:
-        return f"{name}'s data pointer must be {_TMA_ALIGN}-byte aligned, got address % {_TMA_ALIGN} = {t.data_ptr() % _TMA_ALIGN}"
-    for d in range(t.dim()):
-        if d != unit_dim and (t.stride(d) <= 0 or (t.stride(d) * es) % _TMA_ALIGN):
-            return (f"{name}.stride({d}) * {es} bytes must be a positive multiple of {_TMA_ALIGN}, "
-                    f"got stride {t.stride(d)} (strides {tuple(t.stride())})")  # fmt: skip
-    return None
-
-
 def _b_layout(weights: dict[str, torch.Tensor]) -> tuple[bool, list[str]]:
     """(K-major?, problems): the one TMA orientation every weight operand qualifies for."""
     n_major = [p for n, w in weights.items() if (p := tma_problem(n, w, 2))]
@@ -339,33 +278,36 @@ def _b_layout(weights: dict[str, torch.Tensor]) -> tuple[bool, list[str]]:
     return (True, []) if not k_major else (False, n_major)
 
 
-_ALLOCATOR_SET = False
+def token_index(plan) -> torch.Tensor:
+    """The ``gather=`` index of a routing plan: ``[S]`` int32, sorted row -> token row (``sorted_to_slot // top_k``).
+
+    One small launch per routing plan (on its device, no host read); the MLP's and GLU's
+    SDD, and a backward's, can share it.
+    """
+    return torch.div(plan.sorted_to_slot, plan.top_k, rounding_mode="floor").to(torch.int32)
 
 
-def _ensure_allocator() -> None:
-    """Give Triton a scratch allocator for in-kernel tensormaps unless the user set one."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
+def _check_operands(op: str, a, experts, topo, gather, expert_name: str) -> None:
+    """``a`` sorted rows ``[S, K]`` (``gather`` None), or token rows ``[T, K]`` read through ``gather [S]``."""
+    if gather is None:
+        check_block_args(op, a, experts, topo, rows_name="a", expert_name=expert_name)
         return
-    try:  # a ContextVar in triton 3.9, a plain module attribute in some older versions
-        from triton.runtime import _allocation
-
-        holder = _allocation._allocator
-        current = holder.get() if hasattr(holder, "get") else holder
-        unset = isinstance(current, _allocation.NullAllocator)
-    except (ImportError, AttributeError):
-        unset = True
-    if unset:
-
-        def alloc(size: int, alignment: int, stream):
-            device = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
-            return torch.empty(size, dtype=torch.int8, device=device)
-
-        triton.set_allocator(alloc)
-    _ALLOCATOR_SET = True
+    check_tensor(op, "a", a, dim=2)
+    check_tensor(op, expert_name, experts, dim=3)
+    check_same(op, {"a": a, expert_name: experts}, device=topo.device)
+    if experts.shape[0] != topo.num_experts:
+        raise ValueError(f"{op}: {expert_name} must hold {topo.num_experts} experts in dim 0, got {experts.shape[0]}")
+    if not isinstance(gather, torch.Tensor):
+        raise TypeError(f"{op}: gather must be a torch.Tensor (int32 [S], token_index(plan)), got {type(gather).__name__}")
+    S = topo.num_slots
+    if gather.dtype != torch.int32 or gather.dim() != 1 or gather.shape[0] != S or gather.device != a.device:
+        raise ValueError(f"{op}: gather must be an int32 [{S}] tensor on {a.device} (sorted row -> row of a, "
+                         f"token_index(plan)), got {gather.dtype} {tuple(gather.shape)} on {gather.device}")  # fmt: skip
+    if S and a.shape[0] == 0:
+        raise ValueError(f"{op}: a has 0 rows but gather holds {S} sorted rows; expected the [T, K] token rows")
 
 
-def _launch(op, a, b, v, topo, out, gate, up, use_tma, config, num_programs, schedule, store_pre):
+def _launch(op, a, b, v, topo, out, gate, up, use_tma, config, num_programs, schedule, store_pre, gather):
     S, K = a.shape
     E, Kb, N = b.shape
     if Kb != K:
@@ -390,10 +332,13 @@ def _launch(op, a, b, v, topo, out, gate, up, use_tma, config, num_programs, sch
     if cfg["BLOCKS_N"] * bs > 256:
         raise ValueError(f"{op}: config BLOCKS_N={cfg['BLOCKS_N']} x block {bs} > 256 columns (a TMA box's limit)")
     weights = {"b": b, "v": v} if glu else {"b": b}
-    problems = [p for p in [tma_problem("a", a, 1)] if p]
+    # Under gather, A comes through masked pointer loads whatever use_tma says (a descriptor
+    # reads boxes of consecutive rows; sm_90's TMA has no row gather), so only B must qualify.
+    problems = [p for p in [None if gather is not None else tma_problem("a", a, 1)] if p]
     k_major, b_problems = _b_layout(weights)
     problems += b_problems
-    use_tma = resolve_tma(op, use_tma, a, problems)
+    b_tma = resolve_tma(op, use_tma, a, problems)
+    a_tma = b_tma and gather is None
     nt = triton.cdiv(topo.ffn_blocks, cfg["BLOCKS_N"])
     num_tiles = topo.max_block_rows * nt
     if schedule is None:
@@ -407,12 +352,12 @@ def _launch(op, a, b, v, topo, out, gate, up, use_tma, config, num_programs, sch
     vv = v if glu else b
     g_, u_ = (gate, up) if store_pre else (out, out)
     _sdd_persistent_kernel[(min(programs, num_tiles),)](
-        a, b, vv, out, g_, u_, schedule,
+        a, schedule if gather is None else gather, b, vv, out, g_, u_, schedule,
         topo.block_row_expert, topo.block_row_start, topo.block_row_end, topo.offsets,
         num_tiles, programs, S, topo.max_block_rows, K, N, topo.ffn_blocks, E,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
+        a.stride(0), a.stride(1), 1 if gather is None else gather.stride(0), b.stride(0), b.stride(1), b.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
         BLOCK=bs, BLOCK_K=cfg["BLOCK_K"], BLOCKS_N=cfg["BLOCKS_N"], COL_BITS=max(1, (nt - 1).bit_length()),
-        USE_TMA=bool(use_tma), B_K_MAJOR=bool(use_tma and k_major), GLU=glu, STORE_PRE=bool(store_pre),
+        GATHER=gather is not None, A_TMA=a_tma, B_TMA=b_tma, B_K_MAJOR=bool(b_tma and k_major), GLU=glu, STORE_PRE=bool(store_pre),
         UPCAST=needs_upcast(a.dtype), PRECISION=dot_precision(a.dtype),
         FLATTEN=bool(cfg.get("FLATTEN", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -422,7 +367,7 @@ def _launch(op, a, b, v, topo, out, gate, up, use_tma, config, num_programs, sch
 
 def sdd_persistent(a: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | None = None, *,
                    use_tma: bool | None = None, config: dict | None = None, num_programs: int | None = None,
-                   schedule: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                   schedule: torch.Tensor | None = None, gather: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Persistent SDD: ``a [S, K]`` sorted rows, ``b [E, K, N]`` (any strides) -> ``[capacity, bs, bs]``.
 
     The same contract as ``sdd``. ``use_tma``: None picks TMA on an sm_90+ GPU when ``a``
@@ -430,29 +375,40 @@ def sdd_persistent(a: torch.Tensor, b: torch.Tensor, topo, out: torch.Tensor | N
     strides; True requires it (ValueError naming the operand otherwise); False uses
     pointer loads. ``config`` overrides ``default_config`` keys; ``num_programs``
     the persistent grid (default: the SM count); ``schedule`` a prebuilt ``tile_schedule``.
+
+    ``gather`` (the fused gather): ``a`` is then the unsorted token rows ``[T, K]`` (any
+    strides) and ``gather [S]`` int32 maps each sorted row to its row of ``a``
+    (``token_index(plan)``); the kernel loads ``a[gather[i]]`` where ``sdd_persistent(
+    a[gather], b, topo)`` loads row ``i``, so no ``[S, K]`` copy is written or read, and
+    the two give the same output (same loads, same K steps). ``a`` then always comes by
+    masked pointer loads; ``use_tma`` decides ``b``'s only. ``gather``'s values must lie in
+    ``[0, T)``: they are not checked (that would be a host read).
     """
-    check_block_args("sdd_persistent", a, b, topo, rows_name="a", expert_name="b")
-    out, _, _ = _launch("sdd_persistent", a, b, None, topo, out, None, None, use_tma, config, num_programs, schedule, False)
+    _check_operands("sdd_persistent", a, b, topo, gather, "b")
+    out, _, _ = _launch("sdd_persistent", a, b, None, topo, out, None, None, use_tma, config, num_programs, schedule,
+                        False, gather)  # fmt: skip
     return out
 
 
 def sdd_glu(a: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, topo, out: torch.Tensor | None = None, *,
             store_pre: bool = False, gate_out: torch.Tensor | None = None, up_out: torch.Tensor | None = None,
             use_tma: bool | None = None, config: dict | None = None, num_programs: int | None = None,
-            schedule: torch.Tensor | None = None):  # fmt: skip
+            schedule: torch.Tensor | None = None, gather: torch.Tensor | None = None):  # fmt: skip
     """Fused SwiGLU SDD: ``h = silu(a @ w1) * (a @ v1)`` at the topology's blocks, one pass over ``a``.
 
     ``w1`` and ``v1`` are ``[E, K, N]`` (any strides: halves of a fused gate_up tensor,
     concatenated or interleaved, are views). Returns ``h`` ``[capacity, bs, bs]``, or
     ``(h, gate, up)`` with the pre-activations when ``store_pre`` (what a backward
-    needs unless it recomputes them). Other arguments as ``sdd_persistent``.
+    needs unless it recomputes them). Other arguments, ``gather`` (the fused gather of
+    the token rows ``a [T, K]``) included, as ``sdd_persistent``.
     """
-    check_block_args("sdd_glu", a, w1, topo, rows_name="a", expert_name="w1")
+    _check_operands("sdd_glu", a, w1, topo, gather, "w1")
     check_tensor("sdd_glu", "v1", v1, dim=3)
     check_same("sdd_glu", {"w1": w1, "v1": v1})
     if v1.shape != w1.shape:
         raise ValueError(f"sdd_glu: v1 must have w1's shape {tuple(w1.shape)}, got {tuple(v1.shape)}")
     if not store_pre and (gate_out is not None or up_out is not None):
         raise ValueError("sdd_glu: gate_out/up_out are written only with store_pre=True")
-    h, g, u = _launch("sdd_glu", a, w1, v1, topo, out, gate_out, up_out, use_tma, config, num_programs, schedule, store_pre)
+    h, g, u = _launch("sdd_glu", a, w1, v1, topo, out, gate_out, up_out, use_tma, config, num_programs, schedule,
+                      store_pre, gather)  # fmt: skip
     return (h, g, u) if store_pre else h

@@ -13,7 +13,8 @@ UTMALDG: TMA tile loads; LDGSTS: cp.async; STG.E.128: 16-byte stores; LDL/STL:
 local memory; USETMAXREG: the register split a warp-specialized kernel would show).
 
 The cases are the launches a bf16 Hopper run makes at BLOCK=128 (the default config,
-``sdd_persistent.default_config``, of each kernel form and operand layout), the
+``sdd_persistent.default_config``, of each kernel form and operand layout, the fused
+gather's ``gather=`` launches among them: A by pointers through the index, B by TMA), the
 schedule kernel, and the flattened persistent loop (``FLATTEN``); for the DSD, the default config
 (``dsd_persistent.default_config``) with TMA (N- and K-major ``w2``, with routing weights, with a K
 tail) and pointers; for the DSD^T, the default config (``dsd_t_persistent.default_config``) with TMA
@@ -159,11 +160,11 @@ def _cases(compile_all: bool, families=("sdd", "dsd", "dsd_t")) -> list[dict]:
     if "sdd" not in families:
         return cases
 
-    def add(name, glu, tma, k_major=False, store_pre=False, cfg=None, **extra):
+    def add(name, glu, tma, k_major=False, store_pre=False, cfg=None, gather=False, **extra):
+        # use_tma: B by TMA (what the UTMALDG check reads); A too unless gathered (A goes by pointers then).
         cfg = dict(cfg or P.default_config(BLOCK, 2, glu), **extra)
-        cases.append(
-            dict(name=name, dtype="bf16", glu=glu, use_tma=tma, k_major=k_major, store_pre=store_pre, config=cfg)
-        )
+        cases.append(dict(name=name, dtype="bf16", glu=glu, use_tma=tma, k_major=k_major, store_pre=store_pre,
+                          gather=gather, config=cfg))  # fmt: skip
 
     add("sdd tma", False, True)
     add("sdd tma k-major b (w2^T)", False, True, k_major=True)
@@ -172,11 +173,19 @@ def _cases(compile_all: bool, families=("sdd", "dsd", "dsd_t")) -> list[dict]:
     add("glu tma", True, True)
     add("glu tma store_pre k-major (gate_up_proj^T)", True, True, k_major=True, store_pre=True)
     add("glu pointers", True, False)
+    # The fused gather (gather=): A's rows by masked pointer loads through the index, B by TMA or pointers.
+    add("sdd gather tma-b", False, True, gather=True)
+    add("glu gather tma-b", True, True, gather=True)
+    add("glu gather tma-b store_pre k-major (gate_up_proj^T)", True, True, k_major=True, store_pre=True, gather=True)
+    add("sdd gather pointers", False, False, gather=True)
     if compile_all:
         for glu in (False, True):
             for tma in (True, False):
                 for cfg in P.persistent_configs(BLOCK, 2, glu, use_tma=tma):
                     add(f"{'glu' if glu else 'sdd'} {'tma' if tma else 'pointers'} sweep", glu, tma, cfg=cfg)
+            # A by pointers under gather: the pointer path's configs (no BLOCK_K 128), B by TMA.
+            for cfg in P.persistent_configs(BLOCK, 2, glu, use_tma=False):
+                add(f"{'glu' if glu else 'sdd'} gather tma-b sweep", glu, True, cfg=cfg, gather=True)
     cases.append(dict(name="schedule", kernel="schedule", config={"num_warps": 4, "num_stages": 3}))
     return cases
 
@@ -197,10 +206,13 @@ def _source(case: dict):
         return _dsd_source(case)
     fn = P._sdd_persistent_kernel
     cfg = case["config"]
-    unit = {"stride_ak"} | ({"stride_bk", "stride_vk"} if case["k_major"] else {"stride_bn", "stride_vn"})
+    gather = case.get("gather", False)
+    # The gather index is contiguous as token_index(plan) makes it (stride_g == 1, specialised as a launch is).
+    unit = {"stride_ak", "stride_g"} | ({"stride_bk", "stride_vk"} if case["k_major"] else {"stride_bn", "stride_vn"})
     constexprs = dict(
-        BLOCK=BLOCK, BLOCK_K=cfg["BLOCK_K"], BLOCKS_N=cfg["BLOCKS_N"], COL_BITS=7,
-        USE_TMA=case["use_tma"], B_K_MAJOR=case["k_major"], GLU=case["glu"], STORE_PRE=case["store_pre"],
+        BLOCK=BLOCK, BLOCK_K=cfg["BLOCK_K"], BLOCKS_N=cfg["BLOCKS_N"], COL_BITS=7, GATHER=gather,
+        A_TMA=case["use_tma"] and not gather, B_TMA=case["use_tma"], B_K_MAJOR=case["k_major"], GLU=case["glu"],
+        STORE_PRE=case["store_pre"],
         UPCAST=False, PRECISION="tf32", FLATTEN=cfg.get("FLATTEN", False),
     )  # fmt: skip
     return _signature(fn, constexprs, unit, case["dtype"], {})

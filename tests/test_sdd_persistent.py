@@ -87,6 +87,98 @@ def test_sdd_glu_matches_reference(device, name, dtype, use_tma):
         assert torch.equal(g, K.sdd(a, w1, topo)) and torch.equal(u, K.sdd(a, v1, topo))
 
 
+# The fused gather's cases: the persistent ones and k = E (every token on every expert: each
+# row of x is read once per expert, and every expert's last block row is partial).
+GATHER_CASES = {**{n: None for n in CASES}, "k-equals-e": (11, 4, 4, 40, 72, 16, "uniform")}
+
+
+def _gather_case(device, name, dtype, seed):
+    if GATHER_CASES[name] is None:
+        return _case(device, name, dtype, seed)
+    T, E, k, width, ffn, bs, mode = GATHER_CASES[name]
+    plan = plan_routing(make_expert_ids(T, E, k, mode, seed=seed).to(device), E)
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return plan, build_topology(plan, ffn, bs), rnd, (E, width, ffn)
+
+
+def _poisoned_tokens(x: torch.Tensor, plan, block: int):
+    """``(x_view, gather)``: ``x [T, K]`` as a view into a NaN buffer (a NaN row T, NaN columns past K:
+    row stride K + 3, no TMA stride), and ``token_index(plan)`` as a stride-2 view whose other
+    entries, and the ``block`` entries past its end, point at the NaN row.
+
+    Any load of a column past K reaches the output as NaN (NaN * 0 is NaN), as does a sorted
+    row read through a slot that is not its own in a row the epilogue keeps.
+    """
+    T, K = x.shape
+    buf = torch.full((T + 1, K + 3), float("nan"), dtype=x.dtype, device=x.device)
+    buf[:T, :K] = x
+    idx = torch.full((2 * (plan.num_slots + block),), T, dtype=torch.int32, device=x.device)
+    idx[0 : 2 * plan.num_slots : 2] = P.token_index(plan)
+    return buf[:T, :K], idx[0 : 2 * plan.num_slots : 2]
+
+
+@pytest.mark.parametrize("glu", [False, True], ids=["mlp", "glu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(GATHER_CASES))
+def test_fused_gather_matches_sorted_copy(device, name, dtype, glu):
+    """``gather=`` on the unsorted ``x`` equals the same kernel on the sorted copy ``x[idx]`` bit for bit
+    (same loads, same K steps), B by TMA and by pointers, and the float64 reference."""
+    plan, topo, rnd, (E, H, ffn) = _gather_case(device, name, dtype, seed=2)
+    if name == "k-equals-e":
+        assert plan.top_k == E
+    x, w1, v1 = rnd(plan.num_tokens, H), rnd(E, H, ffn), rnd(E, H, ffn)
+    xv, idx = _poisoned_tokens(x, plan, topo.block_size)
+    assert torch.equal(idx, (plan.sorted_to_slot // plan.top_k).to(torch.int32))
+    x_sorted = x[idx.long()]  # what the separate gather kernel writes
+    tol = TOLERANCES[dtype]
+    g64 = ref.sdd_torch(x_sorted.double(), w1.double(), topo)
+    for use_tma in (False, True):  # B's load path (A is gathered through pointers either way)
+        if not glu:
+            got = P.sdd_persistent(xv, w1, topo, out=_poisoned(topo, dtype, device), use_tma=use_tma, num_programs=3,
+                                   gather=idx)  # fmt: skip
+            copy = P.sdd_persistent(x_sorted, w1, topo, use_tma=use_tma, num_programs=3)
+            assert torch.equal(got, copy), f"gathered != sorted copy (use_tma={use_tma})"
+            assert_close(got, g64, **tol, name=f"gathered sdd {name}")
+            continue
+        pre = [_poisoned(topo, dtype, device) for _ in range(2)]
+        got = P.sdd_glu(xv, w1, v1, topo, out=_poisoned(topo, dtype, device), store_pre=True, gate_out=pre[0],
+                        up_out=pre[1], use_tma=use_tma, num_programs=2, gather=idx)  # fmt: skip
+        copy = P.sdd_glu(x_sorted, w1, v1, topo, store_pre=True, use_tma=use_tma, num_programs=2)
+        for what, a, b in zip(("h", "gate", "up"), got, copy):
+            assert torch.equal(a, b), f"gathered {what} != sorted copy's (use_tma={use_tma})"
+        u64 = ref.sdd_torch(x_sorted.double(), v1.double(), topo)
+        assert_close(got[1], g64, **tol, name="gathered gate")
+        assert_close(got[2], u64, **tol, name="gathered up")
+        scale = float((F_.silu(g64).abs() * u64.abs()).max())
+        assert_close(got[0], F_.silu(g64) * u64, **tol, name=f"gathered sdd_glu {name}", scale=scale)
+
+
+def test_fused_gather_bad_arguments_are_named(device):
+    plan, topo, rnd, (E, H, ffn) = _case(device, "skewed-empty-experts", torch.float32)
+    x, w = rnd(plan.num_tokens, H), rnd(E, H, ffn)
+    idx = P.token_index(plan)
+    with pytest.raises(ValueError, match=r"gather must be an int32 \[%d\]" % plan.num_slots):
+        P.sdd_persistent(x, w, topo, gather=idx.long())
+    with pytest.raises(ValueError, match="gather must be an int32"):
+        P.sdd_glu(x, w, w, topo, gather=idx[:-1])
+    with pytest.raises(TypeError, match="gather must be a torch.Tensor"):
+        P.sdd_persistent(x, w, topo, gather=idx.tolist())
+    with pytest.raises(ValueError, match="a has 0 rows"):
+        P.sdd_persistent(rnd(0, H), w, topo, gather=idx)
+    with pytest.raises(ValueError, match=r"b\.shape\[1\] must equal a\.shape\[1\]"):
+        P.sdd_persistent(rnd(plan.num_tokens, H + 1), w, topo, gather=idx)
+    # B's TMA rules still hold under gather; A's do not apply (an odd row stride is fine).
+    odd = rnd(plan.num_tokens, H + 1)[:, :H]
+    with pytest.raises(ValueError, match=r"b\.stride\(1\)"):
+        P.sdd_persistent(odd, rnd(E, H, ffn + 1)[:, :, :ffn], topo, gather=idx, use_tma=True)  # row stride 292 B
+    got = P.sdd_persistent(odd, w, topo, gather=idx, use_tma=True)
+    assert torch.equal(got, P.sdd_persistent(odd[idx.long()], w, topo, use_tma=True))
+    empty = build_topology(plan_routing(make_expert_ids(0, E, 2, "uniform").to(device), E), ffn, 16)
+    assert P.sdd_persistent(rnd(0, H), w, empty, gather=torch.empty(0, dtype=torch.int32, device=device)).shape == (
+        0, 16, 16)  # fmt: skip
+
+
 def test_strided_weights_tma_orientations(device):
     """K-major views take the K-major descriptor (b = w2^T, gate/up halves of gate_up_proj^T)."""
     plan, topo, rnd, (E, H, ffn) = _case(device, "skewed-empty-experts", torch.float32)
@@ -190,6 +282,10 @@ def test_persistent_kernels_compile_for_sm90():
     records = sm90_records("sdd")  # the DSD cases are tests/test_dsd_persistent.py's
     names = {r["name"] for r in records}
     assert {"sdd tma", "sdd pointers", "glu tma", "glu pointers", "schedule"} <= names
+    gathered = [r for r in records if r.get("gather")]
+    assert {"sdd gather tma-b", "glu gather tma-b", "sdd gather pointers"} <= {r["name"] for r in gathered}
+    for r in gathered:  # A's gathered rows by cp.async (no descriptor can gather), B's tiles by TMA where asked
+        assert r["sass"]["LDGSTS"], f"{r['name']}: no LDGSTS (cp.async) for the gathered A rows: {r['sass']}"
 
 
 def test_device_benchmark_dry_run(tmp_path):
