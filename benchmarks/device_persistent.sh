@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Issue 15's device check, one call on a lent H100/H200, from the repository root:
 #
-#   bash benchmarks/device_persistent.sh            # under 8 minutes in all (about 30 + 90 + 120 + 210 s at most)
+#   bash benchmarks/device_persistent.sh            # under 8 minutes in all (about 30 + 90 + 150 + 190 s at most)
 #
 # 1. install this package (editable, no index) and print versions and the GPU state;
 # 2. the sm_90 compile records of tests/sm90_persistent_worker.py with the device's own
 #    Triton (registers, shared memory, HGMMA/UTMALDG counts; SDD, DSD and DSD^T), at most 90 s;
 # 3. the persistent-kernel tests compiled on the GPU (tests/test_sdd_persistent.py and
 #    tests/test_dsd_persistent.py, interpreter off: TMA for real, the float64 references,
-#    NaN-poisoned outputs), at most 120 s;
+#    NaN-poisoned outputs; the fused gather's 21 tests among them), at most 150 s;
 # 4. python -m benchmarks.persistent --sweep: sdd vs sdd_persistent (pointers, TMA,
 #    a few TMA configs) vs torch._grouped_mm vs dense torch.matmul, and the fused
-#    SwiGLU SDD vs its unfused forms, then dsd vs dsd_persistent (pointers, TMA, K-major
-#    down_proj^T, row_weights + gather-sum combine) vs torch._grouped_mm, then dsd_t vs
+#    SwiGLU SDD vs its unfused forms, then the fused gather (sdd_persistent / sdd_glu with
+#    gather=, w1 by TMA) vs permute.gather + the TMA-fed SDD on its [S, H] copy, then dsd
+#    vs dsd_persistent (pointers, TMA, K-major down_proj^T, row_weights + gather-sum combine) vs torch._grouped_mm, then dsd_t vs
 #    dsd_t_persistent (pointers, TMA, [E,H,ffn] target) vs torch._grouped_mm rows, Mixtral and
 #    fine-grained shapes, uniform and skewed, bf16. It writes $OUT/results/persistent.json
-#    after every measurement and starts none after BUDGET_S (default 150 s), so a
-#    cut-short run keeps its numbers (--kernels dsd or dsd_t times only those rows).
+#    after every measurement and starts none after BUDGET_S (default 130 s), so a
+#    cut-short run keeps its numbers (--kernels gather, dsd or dsd_t times only those rows).
 #    Step 2 compiles the dsd_t family too; step 3 leaves tests/test_dsd_t_persistent.py out
 #    (run it with BSMOE_TEST_DEVICE=cuda when the device time allows).
 #
@@ -27,7 +28,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bsmoe-out}
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR="$PWD/.triton-cache" TRITON_INTERPRET=0
-BUDGET_S=${BUDGET_S:-150}
+BUDGET_S=${BUDGET_S:-130}  # 20 s less than before the gather rows: step 3 got them
 export BSMOE_GIT_SHA=${BSMOE_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 
 echo "=== setup ($(date -u +%T))"
@@ -48,7 +49,7 @@ for r in json.load(open(sys.argv[1])):
 " "$OUT/results/persistent-sass.json" 2>&1 | tail -16
 
 echo "=== tests ($(date -u +%T))"
-BSMOE_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider -ra \
+BSMOE_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -ra \
   --junitxml "$OUT/tests-persistent.xml" tests/test_sdd_persistent.py tests/test_dsd_persistent.py \
   -k "not compile_for_sm90 and not compiles_for_sm90" >"$OUT/tests-persistent.log" 2>&1
 echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/tests-persistent.log" | tail -15

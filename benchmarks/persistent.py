@@ -11,6 +11,11 @@ uniform and skewed routing, it times with ``triton.testing.do_bench`` (medians):
 * the SwiGLU front half ``h = silu(x@w1) * (x@v1)``: ``sdd_glu`` (pointers, TMA),
   two ``sdd`` plus the torch activation-and-product, and ``grouped_mm`` on the
   concatenated ``[w1 | v1]`` plus the same torch epilogue;
+* the fused gather (``--kernels`` has ``gather``): ``sdd_persistent(x, w1, topo,
+  gather=token_index(plan))`` on the unsorted ``x [T, H]`` (A's rows by masked pointer
+  loads through the index, ``w1`` by TMA) against the separate ``permute.gather`` kernel
+  plus the TMA-fed ``sdd_persistent`` on its ``[S, H]`` copy, the gather alone, and the
+  same two for ``sdd_glu``; the index is built once per routing plan, outside the timings;
 * the forward DSD ``y_sorted = blocks(h) @ w2`` (``--kernels`` has ``dsd``): ``dsd``
   (autotuned), ``dsd_persistent`` with pointers and with TMA (``w2 [E, ffn, H]`` and
   transformers' ``down_proj [E, H, ffn]`` transposed; a few other TMA configs with
@@ -86,6 +91,24 @@ def _counts(shape: KernelShape, es: int = 2) -> dict:
                 glu_flops=2 * flops, glu_min_bytes=es * (S * H + 2 * E * H * N + S * N))  # fmt: skip
 
 
+def gather_counts(shape: KernelShape, es: int = 2) -> dict:
+    """Bytes and launches of the SDD's A operand per forward, from the shapes (counted, not measured).
+
+    Before: ``permute.gather`` reads ``S`` rows of ``x`` (``T`` distinct; the rest may hit L2)
+    and writes the ``[S, H]`` copy, which the SDD reads again. After (``gather=``): the SDD
+    reads the same ``S`` rows of ``x`` through the int32 index (``token_index(plan)``: reads
+    ``sorted_to_slot``, writes the index, once per routing plan). The weights, the output and
+    the schedule are the same on both sides and left out.
+    """
+    S, T, H = shape.tokens * shape.top_k, shape.tokens, shape.hidden
+    before = dict(gather_read=es * S * H, copy_write=es * S * H, sdd_a_read=es * S * H, index_bytes=4 * S,
+                  launches=2)  # fmt: skip
+    after = dict(sdd_a_read=es * S * H, index_bytes=4 * S + 4 * S, launches=2)  # token_index + the SDD
+    return dict(before=before, after=after, bytes_saved=es * S * H * 2 - 4 * S, distinct_x_bytes=es * T * H,
+                note="launches: the gather launch is replaced by token_index's (one per plan, shared by "
+                     "every SDD of a step); counted from shapes, not timed")  # fmt: skip
+
+
 def plan_shape(shape: KernelShape, routing: str) -> dict:
     """What a run of this shape launches, from host-side sizes (no operand allocated)."""
     plan, topo = _setup(shape, routing, torch.device("cpu"))
@@ -105,6 +128,7 @@ def plan_shape(shape: KernelShape, routing: str) -> dict:
         "w1 [E,H,N]": P.tma_problem("w1", meta(E, H, N), 2) or "ok",
         "w2^T view": P.tma_problem("w2^T", meta(E, N, H).transpose(1, 2), 1) or "ok",
     }
+    out["gather"] = gather_counts(shape)
     # The DSD y_sorted = blocks(h) @ w2: output tiles over [S, H], K = ffn.
     dcfg = D.preferred_config(D.dsd_persistent_configs(bs, 2, use_tma=False))  # default_config's choice on a GPU
     dtiles = R * triton.cdiv(H, dcfg["BLOCK_N"])
@@ -216,6 +240,32 @@ def run_shape(run: Runner, shape: KernelShape, routing: str, sweep: bool):
         run.record(base, "glu: grouped_mm [w1|v1] + torch epilogue", gmm_glu, flops=c["glu_flops"])
 
 
+def run_gather(run: Runner, shape: KernelShape, routing: str, sweep: bool):
+    """The fused gather against the gather kernel + the TMA-fed SDD on the permuted copy (MLP and GLU)."""
+    dev, dt = run.device, torch.bfloat16
+    plan, topo = _setup(shape, routing, dev)
+    T, H, N, E, k = plan.num_tokens, shape.hidden, shape.ffn, shape.experts, plan.top_k
+    c = _counts(shape)
+    gen = torch.Generator(device=dev).manual_seed(4)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device=dev) * scale).to(dt)  # noqa: E731
+    x, w1, v1 = rnd(T, H), rnd(E, H, N, scale=H**-0.5), rnd(E, H, N, scale=H**-0.5)
+    base = dict(shape=shape.name, routing=routing)
+    kern = importlib.import_module("blocksparse_moe.kernels")
+    idx = P.token_index(plan)  # once per routing plan (every SDD of a step shares it): not timed
+    run.record(base, "gather alone", lambda: kern.gather(x, plan.sorted_to_slot, k))
+    ref = run.record(base, "gather + sdd_persistent tma",
+                     lambda: P.sdd_persistent(kern.gather(x, plan.sorted_to_slot, k), w1, topo, use_tma=True),
+                     flops=c["flops"])  # fmt: skip
+    # Bit-identical on the same operands (same loads, same K steps): rel_err 0 expected.
+    run.record(base, "sdd_persistent gather (tma b)", lambda: P.sdd_persistent(x, w1, topo, use_tma=True, gather=idx),
+               check=(lambda out: (out, ref)) if ref is not None else None, flops=c["flops"])  # fmt: skip
+    ref_h = run.record(base, "gather + sdd_glu tma",
+                       lambda: P.sdd_glu(kern.gather(x, plan.sorted_to_slot, k), w1, v1, topo, use_tma=True),
+                       flops=c["glu_flops"])  # fmt: skip
+    run.record(base, "sdd_glu gather (tma b)", lambda: P.sdd_glu(x, w1, v1, topo, use_tma=True, gather=idx),
+               check=(lambda out: (out, ref_h)) if ref_h is not None else None, flops=c["glu_flops"])  # fmt: skip
+
+
 def _rows_to_blocks(h_rows: torch.Tensor, topo) -> torch.Tensor:
     """Sorted rows ``[S, ffn]`` into the block layout ``[capacity, bs, bs]`` (zeros in padding and spare blocks)."""
     b, F, R = topo.block_size, topo.ffn_blocks, topo.max_block_rows
@@ -305,7 +355,7 @@ def P_sdd(x, w, topo):  # noqa: N802 - the existing kernel, by import path (the 
 
 def _run(run: Runner, kernels: list[str], shape: KernelShape, routing: str, sweep: bool) -> None:
     # Each function's operands are freed when it returns (no del: the timed lambdas hold them).
-    for name, fn in (("sdd", run_shape), ("dsd", run_dsd), ("dsd_t", run_dsd_t)):
+    for name, fn in (("sdd", run_shape), ("gather", run_gather), ("dsd", run_dsd), ("dsd_t", run_dsd_t)):
         if name in kernels:
             fn(run, shape, routing, sweep)
             if run.device.type == "cuda":
@@ -319,7 +369,8 @@ def main(argv=None) -> int:
     ap.add_argument("--routing", default=",".join(ROUTINGS))
     ap.add_argument("--shapes", default="mixtral,fine", help="comma list of: mixtral, fine")
     ap.add_argument("--sweep", action="store_true", help="time a few TMA configs besides the default")
-    ap.add_argument("--kernels", default="sdd,dsd,dsd_t", help="comma list of: sdd (SDD and GLU rows), dsd, dsd_t")
+    ap.add_argument("--kernels", default="sdd,gather,dsd,dsd_t",
+                    help="comma list of: sdd (SDD and GLU rows), gather (the fused gather's rows), dsd, dsd_t")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument(
         "--dry-run", action="store_true", help="print the launch plan of the real shapes (CPU, no operands)"
@@ -328,8 +379,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     routings = args.routing.split(",")
     kernels = args.kernels.split(",")
-    if not set(kernels) <= {"sdd", "dsd", "dsd_t"}:
-        ap.error(f"--kernels must be a comma list of sdd, dsd, dsd_t; got {args.kernels!r}")
+    if not set(kernels) <= {"sdd", "gather", "dsd", "dsd_t"}:
+        ap.error(f"--kernels must be a comma list of sdd, gather, dsd, dsd_t; got {args.kernels!r}")
     shapes = [{"mixtral": MIXTRAL, "fine": FINE_GRAINED}[s] for s in args.shapes.split(",")]
     os.makedirs(args.out, exist_ok=True)
     if args.dry_run:
