@@ -13,9 +13,10 @@
 #    a few TMA configs) vs torch._grouped_mm vs dense torch.matmul, and the fused
 #    SwiGLU SDD vs its unfused forms, then the fused gather (sdd_persistent / sdd_glu with
 #    gather=, w1 by TMA) vs permute.gather + the TMA-fed SDD on its [S, H] copy, then dsd
-#    vs dsd_persistent (pointers, TMA, K-major down_proj^T, row_weights + gather-sum combine) vs torch._grouped_mm, then dsd_t vs
-#    dsd_t_persistent (pointers, TMA, [E,H,ffn] target) vs torch._grouped_mm rows, Mixtral and
-#    fine-grained shapes, uniform and skewed, bf16. It writes $OUT/results/persistent.json
+#    vs dsd_persistent (pointers, TMA, K-major down_proj^T, row_weights + gather-sum
+#    combine) vs torch._grouped_mm, then dsd_t vs dsd_t_persistent (pointers, TMA,
+#    [E,H,ffn] target) vs torch._grouped_mm rows, Mixtral and fine-grained shapes,
+#    uniform and skewed, bf16. It writes $OUT/results/persistent.json
 #    after every measurement and starts none after BUDGET_S (default 130 s), so a
 #    cut-short run keeps its numbers (--kernels gather, dsd or dsd_t times only those rows).
 #    Step 2 compiles the dsd_t family too; step 3 leaves tests/test_dsd_t_persistent.py out
