@@ -8,6 +8,9 @@ one expert. References are float64 (``reference.sdd_torch``; for GLU,
 ``silu(g) * u`` from the float64 SDD outputs). Under the interpreter the products
 are also bit-identical to the existing ``sdd``'s at its one-block tile (same K steps in
 the same order; numpy's matmul need not round a two-block tile as two one-block ones).
+The fused gather (``gather=``: unsorted ``x`` rows through ``token_index(plan)``) is
+bit-identical to the same kernel on the sorted copy ``x[idx]``, on NaN-poisoned ``x``,
+index and outputs.
 
 sm_90: ``tests/sm90_persistent_worker.py`` compiles the bf16 BLOCK=128 launches in a
 subprocess without TRITON_INTERPRET and checks the SASS: HGMMA in every dot kernel,
