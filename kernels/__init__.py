@@ -20,11 +20,12 @@ from .dsd_t import dsd_t
 from .dsd_t_persistent import dsd_t_persistent, dsd_t_tile_schedule
 from .permute import combine, combine_weight_grad, gather
 from .sdd import sdd
+from .sdd_glu_backward import sdd_glu_backward
 from .sdd_persistent import sdd_glu, sdd_persistent, tile_schedule, token_index
 from .topology import topology_arrays
 
 __all__ = [
     "sdd", "dsd", "dsd_t", "gather", "combine", "combine_weight_grad", "topology_arrays",
     "sdd_persistent", "sdd_glu", "tile_schedule", "token_index", "dsd_persistent", "dsd_tile_schedule",
-    "dsd_t_persistent", "dsd_t_tile_schedule",
+    "dsd_t_persistent", "dsd_t_tile_schedule", "sdd_glu_backward",
 ]

@@ -1,11 +1,12 @@
 """Compiles the persistent SDD, DSD and DSD^T kernels (``kernels/sdd_persistent.py``, ``kernels/dsd_persistent.py``,
-``kernels/dsd_t_persistent.py``) for sm_90 and inspects their SASS.
+``kernels/dsd_t_persistent.py``) and the GLU backward SDD (``kernels/sdd_glu_backward.py``) for sm_90
+and inspects their SASS.
 
-Run by ``tests/test_sdd_persistent.py``, ``tests/test_dsd_persistent.py`` and
-``tests/test_dsd_t_persistent.py`` in a subprocess without ``TRITON_INTERPRET`` (under the
-interpreter ``@triton.jit`` functions cannot be compiled):
-``python tests/sm90_persistent_worker.py OUT.json [all] [sdd|dsd|dsd_t]`` (a family: only its
-cases; none: all three). Writes one JSON record per
+Run by ``tests/test_sdd_persistent.py``, ``tests/test_dsd_persistent.py``,
+``tests/test_dsd_t_persistent.py`` and ``tests/test_sdd_glu_backward.py`` in a subprocess without
+``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` functions cannot be compiled):
+``python tests/sm90_persistent_worker.py OUT.json [all] [sdd|dsd|dsd_t|glu_bwd]`` (a family: only its
+cases; none: all four). Writes one JSON record per
 case: resources from ``cuobjdump --dump-resource-usage`` (REG, STACK, LOCAL), the
 dynamic shared memory Triton asks for (``metadata.shared``), and counts of the SASS
 instructions the checks and ``docs/perf-notes.md`` talk about (HGMMA: wgmma;
@@ -39,7 +40,8 @@ import tempfile
 import time
 
 SM90 = ("cuda", 90, 32)
-DATA_PTRS = ("a_ptr", "b_ptr", "v_ptr", "out_ptr", "gate_ptr", "up_ptr", "data_ptr")
+DATA_PTRS = ("a_ptr", "b_ptr", "v_ptr", "out_ptr", "gate_ptr", "up_ptr", "data_ptr", "g_ptr", "u_ptr", "dg_ptr",
+             "du_ptr", "h_ptr")
 ALIGNED_INTS = ("K", "N")
 SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "STG.E.128", "LDL", "STL", "USETMAXREG")
 BLOCK = 128
@@ -149,10 +151,54 @@ def _dsd_t_source(case: dict):
     return _signature(D._dsd_t_persistent_kernel, constexprs, unit, case["dtype"], {})
 
 
-def _cases(compile_all: bool, families=("sdd", "dsd", "dsd_t")) -> list[dict]:
+def _glu_bwd_module():
+    import importlib
+
+    return importlib.import_module("blocksparse_moe.kernels.sdd_glu_backward")
+
+
+def _glu_bwd_cases(compile_all: bool) -> list[dict]:
+    G = _glu_bwd_module()
+    cases = []
+
+    def add(name, tma, k_major=True, store_h=False, cfg=None):
+        cfg = dict(cfg or G.backward_default_config(BLOCK, 2))
+        cases.append(dict(name=name, kernel="glu_bwd", dtype="bf16", use_tma=tma, k_major=k_major, store_h=store_h,
+                          config=cfg))  # fmt: skip
+
+    # w2 [E, ffn, H] contiguous, as the layer stores it: w2^T is the K-major view (the default case).
+    add("glu_bwd tma", True)
+    add("glu_bwd tma store_h", True, store_h=True)
+    add("glu_bwd tma n-major w2^T", True, k_major=False)
+    add("glu_bwd tma flatten", True, cfg=dict(G.backward_default_config(BLOCK, 2), FLATTEN=True))
+    add("glu_bwd pointers", False)
+    add("glu_bwd pointers store_h", False, store_h=True)
+    if compile_all:
+        P = _module()
+        for tma in (True, False):
+            for cfg in P.persistent_configs(BLOCK, 2, True, use_tma=tma):
+                add(f"glu_bwd {'tma' if tma else 'pointers'} sweep", tma, store_h=True, cfg=cfg)
+    return cases
+
+
+def _glu_bwd_source(case: dict):
+    cfg = case["config"]
+    unit = {"stride_ak"} | ({"stride_bk"} if case["k_major"] else {"stride_bn"})
+    constexprs = dict(
+        BLOCK=BLOCK, BLOCK_K=cfg["BLOCK_K"], BLOCKS_N=cfg["BLOCKS_N"], COL_BITS=7, A_TMA=case["use_tma"],
+        B_TMA=case["use_tma"], B_K_MAJOR=case["k_major"] and case["use_tma"], STORE_H=case["store_h"], UPCAST=False,
+        EPI_TMA=case["use_tma"] and cfg["BLOCKS_N"] == 1,  # as the launcher decides (aligned block tensors)
+        PRECISION="tf32", FLATTEN=cfg.get("FLATTEN", False),
+    )  # fmt: skip
+    return _signature(_glu_bwd_module()._sdd_glu_bwd_kernel, constexprs, unit, case["dtype"], {})
+
+
+def _cases(compile_all: bool, families=("sdd", "dsd", "dsd_t", "glu_bwd")) -> list[dict]:
     P = _module()
 
     cases = []
+    if "glu_bwd" in families:
+        cases += _glu_bwd_cases(compile_all)
     if "dsd" in families:
         cases += _dsd_cases(compile_all)
     if "dsd_t" in families:
@@ -204,6 +250,8 @@ def _source(case: dict):
         return ASTSource(fn, sig, {"COL_BITS": 7, "GROUP": P.GROUP, "TILE": P._SCHEDULE_TILE})
     if case.get("kernel") == "dsd":
         return _dsd_source(case)
+    if case.get("kernel") == "glu_bwd":
+        return _glu_bwd_source(case)
     fn = P._sdd_persistent_kernel
     cfg = case["config"]
     gather = case.get("gather", False)
@@ -276,7 +324,7 @@ def _compile(case: dict, tmpdir: str) -> dict:
     return out
 
 
-def main(out_path: str, compile_all: bool, families=("sdd", "dsd", "dsd_t")) -> None:
+def main(out_path: str, compile_all: bool, families=("sdd", "dsd", "dsd_t", "glu_bwd")) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")  # triton 3.9's fp-fusion notice, once per process
@@ -290,7 +338,8 @@ def main(out_path: str, compile_all: bool, families=("sdd", "dsd", "dsd_t")) -> 
 
 if __name__ == "__main__":
     flags = sys.argv[2:]
-    if len(sys.argv) < 2 or not set(flags) <= {"all", "sdd", "dsd", "dsd_t"}:
-        sys.exit(f"usage: {sys.argv[0]} OUT.json [all] [sdd|dsd|dsd_t] (run by tests/test_sdd_persistent.py, "
-                 f"tests/test_dsd_persistent.py, tests/test_dsd_t_persistent.py), got {flags}")  # fmt: skip
-    main(sys.argv[1], "all" in flags, tuple(f for f in flags if f != "all") or ("sdd", "dsd", "dsd_t"))
+    if len(sys.argv) < 2 or not set(flags) <= {"all", "sdd", "dsd", "dsd_t", "glu_bwd"}:
+        sys.exit(f"usage: {sys.argv[0]} OUT.json [all] [sdd|dsd|dsd_t|glu_bwd] (run by tests/test_sdd_persistent.py, "
+                 f"tests/test_dsd_persistent.py, tests/test_dsd_t_persistent.py, "
+                 f"tests/test_sdd_glu_backward.py), got {flags}")  # fmt: skip
+    main(sys.argv[1], "all" in flags, tuple(f for f in flags if f != "all") or ("sdd", "dsd", "dsd_t", "glu_bwd"))

@@ -252,10 +252,13 @@ def _problems(r: dict) -> list[str]:
     return found
 
 
-def sm90_records(family: str) -> list:
-    """Compile ``family``'s ("sdd" or "dsd") persistent kernels for sm_90 in a worker and check every record.
+def sm90_records(family: str, spills_known: frozenset = frozenset()) -> list:
+    """Compile ``family``'s ("sdd", "dsd", "dsd_t" or "glu_bwd") persistent kernels for sm_90 in a worker and
+    check every record.
 
-    Skips where the triton wheel has no cuobjdump; returns the records for the caller's own checks.
+    ``spills_known``: record names whose local memory is a known, documented finding (the caller
+    checks its size); every other check still applies to them. Skips where the triton wheel has no
+    cuobjdump; returns the records for the caller's own checks.
     """
     triton = pytest.importorskip("triton")
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -276,7 +279,8 @@ def sm90_records(family: str) -> list:
     for r in records:
         if r.get("ok"):
             print(f"{r['name']}: REG {r['resources']['reg']}, shared {r['shared']} B, {r['sass']}")
-    failures = [f"  {r['name']} {r.get('config')}: {p}" for r in records for p in _problems(r)]
+    failures = [f"  {r['name']} {r.get('config')}: {p}" for r in records for p in _problems(r)
+                if not (r["name"] in spills_known and p.startswith("local memory"))]  # fmt: skip
     assert not failures, f"{len(failures)} sm_90 checks failed:\n" + "\n".join(failures)
     return records
 

@@ -1,0 +1,143 @@
+"""The SwiGLU backward SDD (``kernels/sdd_glu_backward.py``) against float64 autograd.
+
+Interpreter (CPU): both load paths (TMA descriptors and masked pointers), fp32 and fp16,
+over ``PERSISTENT_CASES`` (an empty expert, one token, sizes off the block grid, a prime
+expert count, every token on one expert), with NaN-poisoned outputs and NaN in the saved
+``g``/``u`` blocks wherever they hold no element (``padding_poisoned``): the kernel must
+read no padding and write zeros there. The oracle is dense: per sorted row ``i`` of expert
+``e``, ``y_i = (silu(g_i) * u_i) @ w2[e]`` in float64 with ``g``/``u`` the rounded values the
+kernel reads, ``torch.autograd.grad(<y, dy>, (g, u))``, and the dense gradients placed into
+the block layout by ``reference.sdd_torch`` against identity matrices (exact in float64).
+
+sm_90: ``tests/sm90_persistent_worker.py ... glu_bwd`` compiles the bf16 BLOCK=128 launches
+and the checks of ``tests/test_sdd_persistent.py``'s ``sm90_records`` apply (HGMMA, UTMALDG
+exactly where descriptors are used, no local memory, shared memory within 227 KB).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F_
+from helpers import PERSISTENT_CASES, TOLERANCES, assert_close, make_expert_ids, padding_poisoned, persistent_case
+
+import blocksparse_moe.kernels as K
+from blocksparse_moe import build_topology, plan_routing
+from blocksparse_moe import reference as ref
+
+B = importlib.import_module("blocksparse_moe.kernels.sdd_glu_backward")
+
+
+def _blocks(dense: torch.Tensor, topo) -> torch.Tensor:
+    """Dense sorted rows ``[S, ffn]`` -> the block layout (identity per expert: exact in float64)."""
+    eye = torch.eye(topo.ffn_size, dtype=dense.dtype, device=dense.device).expand(topo.num_experts, -1, -1)
+    return ref.sdd_torch(dense, eye, topo)
+
+
+def _problem(device, name, dtype, seed=3):
+    """Inputs and the float64 oracle ``(dg, du, h)`` in block layout."""
+    plan, topo, rnd, (E, H, ffn) = persistent_case(device, name, dtype, seed)
+    S = plan.num_slots
+    x, w1, v1, w2, dy = rnd(S, H), rnd(E, H, ffn), rnd(E, H, ffn), rnd(E, ffn, H), rnd(S, H)
+    expert = torch.repeat_interleave(torch.arange(E, device=device), plan.tokens_per_expert.long())
+    # The saved pre-activations as the forward stores them: one rounding to the working dtype.
+    g_rows = torch.einsum("sh,shf->sf", x.double(), w1.double()[expert]).to(dtype)
+    u_rows = torch.einsum("sh,shf->sf", x.double(), v1.double()[expert]).to(dtype)
+    g64, u64 = g_rows.double().requires_grad_(), u_rows.double().requires_grad_()
+    y = torch.einsum("sf,sfh->sh", F_.silu(g64) * u64, w2.double()[expert])
+    dg64, du64 = torch.autograd.grad((y * dy.double()).sum(), (g64, u64)) if S else (g64, u64)
+    want = tuple(_blocks(t.detach(), topo) for t in (dg64, du64, F_.silu(g64) * u64))
+    g, u = _blocks(g_rows.double(), topo).to(dtype), _blocks(u_rows.double(), topo).to(dtype)
+    return plan, topo, (dy, w2, padding_poisoned(g, topo), padding_poisoned(u, topo)), want
+
+
+def _poisoned(topo, dtype, device, n):
+    return tuple(torch.full((topo.capacity, topo.block_size, topo.block_size), float("nan"), dtype=dtype,
+                            device=device) for _ in range(n))  # fmt: skip
+
+
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(PERSISTENT_CASES))
+def test_glu_backward_matches_autograd(device, name, dtype, use_tma):
+    plan, topo, (dy, w2, g, u), (dg64, du64, h64) = _problem(device, name, dtype)
+    if name == "skewed-empty-experts":
+        assert (plan.tokens_per_expert == 0).any()
+    assert torch.isnan(g).any() or topo.capacity == 0, "the saved blocks' padding is not poisoned"
+    dg, du, h = B.sdd_glu_backward(dy, w2, g, u, topo, store_h=True, out=_poisoned(topo, dtype, device, 3),
+                                   use_tma=use_tma, num_programs=3)  # fmt: skip
+    tol = TOLERANCES[dtype]
+    # Each output rounds once from fp32 terms: held to the size of those terms (dh sums H products).
+    assert_close(dg, dg64, **tol, name=f"dg {name}")
+    assert_close(du, du64, **tol, name=f"du {name}")
+    assert_close(h, h64, **tol, name=f"h {name}")
+    pad = padding_poisoned(torch.zeros_like(dg), topo).isnan()  # the elements holding no data
+    for what, t in (("dg", dg), ("du", du), ("h", h)):
+        assert bool((t[pad] == 0).all()), f"{what}: padding or spare blocks not zero"
+    two = B.sdd_glu_backward(dy, w2, g, u, topo, use_tma=use_tma, num_programs=2)
+    assert len(two) == 2 and torch.equal(two[0], dg) and torch.equal(two[1], du), "store_h changed dg/du"
+
+
+def test_glu_backward_strided_w2_and_wide_tile(device):
+    """``w2`` as a transposed view (the N-major descriptor), a two-block tile with odd ``F``, 5 programs, FLATTEN."""
+    dtype = torch.float32
+    plan, topo, (dy, w2, g, u), want = _problem(device, "skewed-empty-experts", dtype, seed=4)
+    assert topo.ffn_blocks % 2 == 1
+    w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [E, ffn, H] with stride(2) != 1
+    assert B._b_layout({"w2^T": w2_t.transpose(1, 2)}) == (False, [])
+    for use_tma in (False, True):
+        for cfg in ({"BLOCKS_N": 2, "BLOCK_K": 16}, {"BLOCKS_N": 1, "FLATTEN": True}):
+            got = B.sdd_glu_backward(dy, w2_t, g, u, topo, store_h=True, out=_poisoned(topo, dtype, device, 3),
+                                     use_tma=use_tma, config=cfg, num_programs=5)  # fmt: skip
+            for what, a, e in zip(("dg", "du", "h"), got, want):
+                assert_close(a, e, **TOLERANCES[dtype], name=f"{what} {cfg} use_tma={use_tma}")
+
+
+def test_glu_backward_bad_arguments_are_named(device):
+    plan, topo, (dy, w2, g, u), _ = _problem(device, "skewed-empty-experts", torch.float32)
+    f = B.sdd_glu_backward
+    with pytest.raises(ValueError, match=r"w2\.shape\[2\] must equal dy_sorted\.shape\[1\]"):
+        f(dy, w2[:, :, :-1], g, u, topo)
+    with pytest.raises(ValueError, match=r"w2\.shape\[1\] must equal topo\.ffn_size"):
+        f(dy, w2[:, :-1], g, u, topo)
+    with pytest.raises(ValueError, match="g must have shape"):
+        f(dy, w2, g[:-1], u, topo)
+    with pytest.raises(ValueError, match="u must be contiguous"):
+        f(dy, w2, g, u.transpose(1, 2), topo)
+    with pytest.raises(TypeError, match="u has dtype torch.float16"):
+        f(dy, w2, g, u.half(), topo)
+    with pytest.raises(ValueError, match=r"out must be a tuple \(dg, du, h\)"):
+        f(dy, w2, g, u, topo, store_h=True, out=(g.clone(), u.clone()))
+    with pytest.raises(ValueError, match="out du must be torch.float32"):
+        f(dy, w2, g, u, topo, out=(g.clone(), u.half()))
+    with pytest.raises(ValueError, match=r"dy_sorted\.stride\(0\)"):
+        odd = torch.zeros(dy.shape[0], dy.shape[1] + 1, device=device)[:, : dy.shape[1]]  # 164-byte rows
+        f(odd, w2, g, u, topo, use_tma=True)
+    with pytest.raises(ValueError, match="schedule must be int32"):
+        f(dy, w2, g, u, topo, schedule=torch.zeros(3, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="num_programs must be >= 1"):
+        f(dy, w2, g, u, topo, num_programs=-1)
+    E, ffn, H = w2.shape
+    empty = build_topology(plan_routing(make_expert_ids(0, E, 2, "uniform").to(device), E), ffn, 16)
+    z = torch.zeros(0, 16, 16, device=device)
+    assert [t.shape for t in f(torch.zeros(0, H, device=device), w2, z, z, empty, store_h=True)] == [(0, 16, 16)] * 3
+    assert K.sdd_glu_backward is f
+
+
+def test_glu_backward_compiles_for_sm90():
+    """HGMMA, UTMALDG (and the epilogue's UTMASTG) exactly with descriptors, shared <= 227 KB; no local memory
+    on the TMA path. The pointer fallback's 128x128 epilogue spills (32 B of stack in the default config,
+    184 B with store_h, at 255 registers; docs/perf-notes.md): allowed here, bounded so that growth fails."""
+    from test_sdd_persistent import sm90_records
+
+    pointers = frozenset({"glu_bwd pointers", "glu_bwd pointers store_h"})
+    records = sm90_records("glu_bwd", spills_known=pointers)
+    names = {r["name"] for r in records}
+    assert {"glu_bwd tma", "glu_bwd tma store_h", "glu_bwd pointers", "glu_bwd pointers store_h"} <= names
+    for r in records:
+        if r["name"] in pointers:
+            assert r["resources"]["stack"] <= 192, f"{r['name']}: the known spill grew: {r['resources']}"
+        elif r["use_tma"]:
+            assert r["sass"]["UTMASTG"] >= 2, f"{r['name']}: dg/du not stored by TMA: {r['sass']}"
