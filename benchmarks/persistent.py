@@ -27,7 +27,12 @@ uniform and skewed routing, it times with ``triton.testing.do_bench`` (medians):
   (into ``[E, ffn, H]``, and into a transposed ``[E, H, ffn]`` target as ``dw1^T`` is
   written; a few other TMA configs with ``--sweep``), and ``torch._grouped_mm`` on the
   same product over the sorted rows (``h_rows^T @ dy`` grouped along the rows: the
-  grouped weight gradient).
+  grouped weight gradient);
+* the SwiGLU backward's front half (``--kernels`` has ``glu_bwd``; not in the default list,
+  so ``device_persistent.sh``'s run is unchanged): ``sdd`` for ``dh = dy_sorted @ w2^T`` plus
+  the torch activation backward (``dg``, ``du`` in fp32, rounded once) against
+  ``sdd_glu_backward`` (pointers, TMA, TMA with ``store_h``), on saved ``g``/``u`` from
+  ``sdd_glu(store_pre=True)``; its check compares ``dg``.
 
 Every Triton output is first checked against ``sdd``'s (relative Frobenius error,
 recorded). Results go to ``DIR/persistent.json`` after every measurement (a run cut
@@ -349,13 +354,44 @@ def run_dsd_t(run: Runner, shape: KernelShape, routing: str, sweep: bool):
                    flops=c["flops"])  # fmt: skip
 
 
+def run_glu_bwd(run: Runner, shape: KernelShape, routing: str, sweep: bool):
+    """``dh = dy @ w2^T`` + the torch activation backward against ``sdd_glu_backward`` (``sweep`` unused)."""
+    G = importlib.import_module("blocksparse_moe.kernels.sdd_glu_backward")
+    dev, dt = run.device, torch.bfloat16
+    plan, topo = _setup(shape, routing, dev)
+    S, H, N, E = plan.num_slots, shape.hidden, shape.ffn, shape.experts
+    c = _counts(shape)
+    gen = torch.Generator(device=dev).manual_seed(4)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device=dev) * scale).to(dt)  # noqa: E731
+    x, w1, v1 = rnd(S, H), rnd(E, H, N, scale=H**-0.5), rnd(E, H, N, scale=H**-0.5)
+    _, g, u = P.sdd_glu(x, w1, v1, topo, store_pre=True)  # the forward's saved pre-activations (untimed)
+    del x, w1, v1
+    dy, w2 = rnd(S, H), rnd(E, N, H, scale=N**-0.5)
+    base = dict(shape=shape.name, routing=routing)
+
+    def unfused():
+        dh = P_sdd(dy, w2.transpose(1, 2), topo).float()
+        gf, uf = g.float(), u.float()
+        s = torch.sigmoid(gf)
+        return (dh * uf * s * (1 + gf * (1 - s))).to(dt), (dh * gf * s).to(dt)
+
+    ref = run.record(base, "glu bwd: sdd (w2^T) + torch", unfused, flops=c["flops"])
+    same = (lambda out: (out[0], ref[0])) if ref is not None else None
+    for tma in (False, True):
+        run.record(base, f"sdd_glu_backward {'tma' if tma else 'pointers'}",
+                   lambda tma=tma: G.sdd_glu_backward(dy, w2, g, u, topo, use_tma=tma), check=same, flops=c["flops"])  # fmt: skip
+    run.record(base, "sdd_glu_backward tma store_h", lambda: G.sdd_glu_backward(dy, w2, g, u, topo, store_h=True,
+               use_tma=True), check=same, flops=c["flops"])  # fmt: skip
+
+
 def P_sdd(x, w, topo):  # noqa: N802 - the existing kernel, by import path (the package exports the function)
     return importlib.import_module("blocksparse_moe.kernels.sdd").sdd(x, w, topo)
 
 
 def _run(run: Runner, kernels: list[str], shape: KernelShape, routing: str, sweep: bool) -> None:
     # Each function's operands are freed when it returns (no del: the timed lambdas hold them).
-    for name, fn in (("sdd", run_shape), ("gather", run_gather), ("dsd", run_dsd), ("dsd_t", run_dsd_t)):
+    for name, fn in (("sdd", run_shape), ("gather", run_gather), ("dsd", run_dsd), ("dsd_t", run_dsd_t),
+                     ("glu_bwd", run_glu_bwd)):  # fmt: skip
         if name in kernels:
             fn(run, shape, routing, sweep)
             if run.device.type == "cuda":
@@ -370,7 +406,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="mixtral,fine", help="comma list of: mixtral, fine")
     ap.add_argument("--sweep", action="store_true", help="time a few TMA configs besides the default")
     ap.add_argument("--kernels", default="sdd,gather,dsd,dsd_t",
-                    help="comma list of: sdd (SDD and GLU rows), gather (the fused gather's rows), dsd, dsd_t")
+                    help="comma list of: sdd (SDD and GLU rows), gather (the fused gather's rows), dsd, dsd_t, "
+                         "glu_bwd (the GLU backward SDD; not in the default)")  # fmt: skip
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument(
         "--dry-run", action="store_true", help="print the launch plan of the real shapes (CPU, no operands)"
@@ -379,8 +416,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     routings = args.routing.split(",")
     kernels = args.kernels.split(",")
-    if not set(kernels) <= {"sdd", "gather", "dsd", "dsd_t"}:
-        ap.error(f"--kernels must be a comma list of sdd, gather, dsd, dsd_t; got {args.kernels!r}")
+    if not set(kernels) <= {"sdd", "gather", "dsd", "dsd_t", "glu_bwd"}:
+        ap.error(f"--kernels must be a comma list of sdd, gather, dsd, dsd_t, glu_bwd; got {args.kernels!r}")
     shapes = [{"mixtral": MIXTRAL, "fine": FINE_GRAINED}[s] for s in args.shapes.split(",")]
     os.makedirs(args.out, exist_ok=True)
     if args.dry_run:
