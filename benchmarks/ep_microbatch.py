@@ -23,6 +23,9 @@ count exchange, host read, ``beside`` work, transfers and experts, in ms from th
 start), so the filled gap can be seen.
 
     OMP_NUM_THREADS=1 python -m benchmarks.ep_microbatch --json out.json
+    python -m benchmarks.ep_microbatch --device cuda --ranks 8 --json out.json      # NCCL, one GPU per rank
+
+On CUDA the stage traces record kernel launches, not their execution (use the profiler).
 """
 
 from __future__ import annotations
@@ -49,7 +52,12 @@ def _worker(rank, W, port, args, path):
     from blocksparse_moe.parallel.trace import StageTrace
 
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
+    if args.device == "cuda":  # one GPU per rank, NCCL (not run yet: no multi-GPU machine was lent)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        dev, pg = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        dev, pg = torch.device("cpu"), "gloo"
+    dist.init_process_group(pg, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
     cfg = MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts, top_k=args.top_k,
                     glu=True, activation="silu", backend=args.backend)  # fmt: skip
@@ -65,12 +73,13 @@ def _worker(rank, W, port, args, path):
             return h, h
 
     torch.manual_seed(0)  # the same dense weights on every rank; the EP layers broadcast their router
-    blocks = [(Dense(), ExpertParallelDMoE(cfg, name=f"moe{i}", hierarchy=args.hierarchy, chunks=args.chunks))
+    blocks = [(Dense().to(dev), ExpertParallelDMoE(cfg, name=f"moe{i}", hierarchy=args.hierarchy,
+                                                    chunks=args.chunks).to(dev))
               for i in range(args.blocks)]  # fmt: skip
     for _, moe in blocks:
         moe.broadcast_router()
     torch.manual_seed(1 + rank)
-    xs = [torch.randn(args.tokens, args.hidden, requires_grad=True) for _ in range(2)]
+    xs = [torch.randn(args.tokens, args.hidden, device=dev, requires_grad=True) for _ in range(2)]
 
     def sequential():
         outs = []
@@ -100,7 +109,9 @@ def _worker(rank, W, port, args, path):
         dist.barrier()
         t = time.perf_counter()
         sum(o.square().mean() for o in fn()).backward()
-        dt = torch.tensor([time.perf_counter() - t])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()  # the host clock must see the kernels finish, not their launch
+        dt = torch.tensor([time.perf_counter() - t], device=dev)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank's step
         return float(dt)
 
@@ -145,6 +156,8 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo ranks; cuda: one GPU per rank over NCCL (--ranks = GPUs)")
     p.add_argument("--hierarchy", default="flat")
     p.add_argument("--chunks", type=int, default=1)
     args = p.parse_args(argv)
@@ -153,7 +166,7 @@ def main(argv=None):
 
     from benchmarks.common import environment
 
-    out["env"] = environment(torch.device("cpu"), torch.float32)
+    out["env"] = environment(torch.device(args.device), torch.float32)
     res = out["results"]
     for m in ("sequential", "block-major", "interleaved"):
         print(f"{m:12s} fwd+bwd median {res[m]['median_ms']:8.1f} ms, min {res[m]['min_ms']:8.1f} ms "
