@@ -22,6 +22,7 @@ from . import ops
 from .backends.block import block_ffn
 from .backends.grouped import grouped_ffn
 from .backends.grouped_composed import grouped_ffn_composed
+from .backends.grouped_one_token import one_token_or_none
 from .reference import activation_name, get_activation
 from .routing import RoutingPlan, plan_routing
 from .topology import SUPPORTED_BLOCK_SIZES, Topology
@@ -167,5 +168,9 @@ def moe_ffn(
     check_ffn_args(x, expert_ids, weights, w1, w2, v1, block_size)
     ops.resolve_backend(backend, x.device)  # reject a bad name before any work
     get_activation(activation)
+    if ops.resolve_backend(backend, x.device, x.dtype, w1.shape[0], w1.shape[2]) == "grouped":
+        y = one_token_or_none(x, expert_ids, weights, w1, w2, v1, activation)  # a decode step on a CPU
+        if y is not None:
+            return y
     plan = plan_routing(expert_ids, w1.shape[0])
     return routed_ffn(x, plan, weights, w1, w2, v1, activation, backend=backend, block_size=block_size)

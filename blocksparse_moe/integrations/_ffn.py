@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..backends.grouped_composed import grouped_ffn_composed
+from ..backends.grouped_one_token import one_token_or_none
 from ..functional import check_ffn_args, routed_ffn
 from ..reference import get_activation
 from ..routing import plan_routing
@@ -101,8 +102,13 @@ def dropless_ffn(
         raise ValueError("gate and bv apply to the up projection of a GLU: they need v1")
     act = get_activation(activation)
     backend = ops.resolve_backend(backend, x.device, x.dtype, E, ffn)
+    plain = b1 is None and bv is None and b2 is None and gate is None and post is None
+    if plain and backend == "grouped":  # a decode step on a CPU: no routing plan (.backends.grouped_one_token)
+        y = one_token_or_none(x, expert_ids, weights, w1, w2, v1, activation, fused_gate_up)
+        if y is not None:
+            return y
     plan = plan_routing(expert_ids, E)
-    if b1 is None and bv is None and b2 is None and gate is None and post is None:
+    if plain:
         return routed_ffn(x, plan, weights, w1, w2, v1, activation, backend=backend, block_size=block_size,
                           fused_gate_up=fused_gate_up)  # fmt: skip
     if backend == "grouped":
