@@ -42,6 +42,10 @@ Tensor = torch.Tensor
 
 def one_token_applies(x: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, v1: Optional[Tensor], activation) -> bool:
     """Whether :func:`one_token_ffn` serves this call (see the module docstring)."""
+    # Compiling first: under torch.compile the row count may be symbolic, and comparing it
+    # with 1 would add a guard (a recompile at one token) for a path compiled code never takes.
+    if torch.compiler.is_compiling():
+        return False
     return (x.shape[0] == 1 and x.device.type == "cpu" and isinstance(activation, str)
             and activation in ACTIVATION_NAMES and _eager_inference(x, weights, w1, w2, v1))  # fmt: skip
 
