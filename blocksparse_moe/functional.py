@@ -166,9 +166,10 @@ def moe_ffn(
     see :mod:`blocksparse_moe.reference`).
     """
     check_ffn_args(x, expert_ids, weights, w1, w2, v1, block_size)
-    ops.resolve_backend(backend, x.device)  # reject a bad name before any work
+    # once, before any work: a bad name is refused here, and the result is what routed_ffn would pick
+    backend = ops.resolve_backend(backend, x.device, x.dtype, w1.shape[0], w1.shape[2])
     get_activation(activation)
-    if ops.resolve_backend(backend, x.device, x.dtype, w1.shape[0], w1.shape[2]) == "grouped":
+    if backend == "grouped":
         y = one_token_or_none(x, expert_ids, weights, w1, w2, v1, activation)  # a decode step on a CPU
         if y is not None:
             return y
