@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_block_args, check_block_data, check_same
-from .config import dot_precision, needs_upcast
+from .checks import check_block_args, check_block_data, check_same, check_tensor
+from .config import dot_precision, interpreting, needs_upcast
 from .persistent_common import _default_programs, check_config_keys, resolve_tma, tma_problem
 from .sdd_persistent import _b_layout, default_config, tile_schedule
 
@@ -43,6 +43,8 @@ def _sdd_glu_bwd_kernel(
     dg_ptr,  # [capacity, BLOCK, BLOCK] contiguous out: dh * u * silu'(g)
     du_ptr,  # [capacity, BLOCK, BLOCK] contiguous out: dh * silu(g)
     h_ptr,  # [capacity, BLOCK, BLOCK] contiguous out: silu(g) * u (STORE_H only; dg_ptr otherwise, never written)
+    w_ptr,  # [S] routing weights in sorted order (ROW_WEIGHTS only; dg_ptr otherwise, never read)
+    dw_ptr,  # [NT, S] fp32 out: column tile c's partial sums of dh_unscaled * h per row (ROW_WEIGHTS only)
     schedule_ptr,  # [num_tiles] int32: tile -> (r << COL_BITS) | c
     block_row_expert_ptr,  # [R] int32: block row -> expert (E if spare)
     block_row_start_ptr,  # [R] int32: block row -> first sorted position (S if spare)
@@ -61,6 +63,7 @@ def _sdd_glu_bwd_kernel(
     stride_be,
     stride_bk,
     stride_bn,
+    stride_w,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCKS_N: tl.constexpr,
@@ -70,6 +73,8 @@ def _sdd_glu_bwd_kernel(
     B_K_MAJOR: tl.constexpr,  # B_TMA only: b is a K-contiguous view (stride_bk == 1), w2^T as w2 stores it
     EPI_TMA: tl.constexpr,  # g, u and the outputs through [capacity, BLOCK, BLOCK] descriptors (BLOCKS_N == 1 only)
     STORE_H: tl.constexpr,
+    ROW_WEIGHTS: tl.constexpr,  # dh = w[row] * (dy @ w2^T), and the routing-weight gradient's partial sums
+    EPI_SPLIT: tl.constexpr,  # 1, 2 or 4: the epilogue runs over that many column chunks of the tile, one at a time
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     FLATTEN: tl.constexpr,
@@ -91,26 +96,31 @@ def _sdd_glu_bwd_kernel(
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, K, N], strides=[stride_be, stride_bk, 1],
                                                block_shape=[1, BLOCK_K, BN])  # fmt: skip
+    CW: tl.constexpr = BN // EPI_SPLIT  # the epilogue's chunk: EPI_SPLIT column slices of the tile, one at a time
     if EPI_TMA:
         # The epilogue's block tensors by TMA: with pointers every thread holds a 64-bit address
-        # per element pair of each 128x128 tile, and the default kernel spills (255 registers,
-        # 32 B of stack); by TMA it needs 149 and no stack (tests/sm90_persistent_worker.py glu_bwd).
+        # per element pair of each 128x128 tile (tests/sm90_persistent_worker.py glu_bwd).
         C = num_tiles * BLOCKS_N  # = capacity: R * F blocks when BLOCKS_N == 1
         g_desc = tl.make_tensor_descriptor(g_ptr, shape=[C, BLOCK, BLOCK], strides=[BLOCK * BLOCK, BLOCK, 1],
-                                           block_shape=[1, BLOCK, BLOCK])  # fmt: skip
+                                           block_shape=[1, BLOCK, CW])  # fmt: skip
         u_desc = tl.make_tensor_descriptor(u_ptr, shape=[C, BLOCK, BLOCK], strides=[BLOCK * BLOCK, BLOCK, 1],
-                                           block_shape=[1, BLOCK, BLOCK])  # fmt: skip
+                                           block_shape=[1, BLOCK, CW])  # fmt: skip
         dg_desc = tl.make_tensor_descriptor(dg_ptr, shape=[C, BLOCK, BLOCK], strides=[BLOCK * BLOCK, BLOCK, 1],
-                                            block_shape=[1, BLOCK, BLOCK])  # fmt: skip
+                                            block_shape=[1, BLOCK, CW])  # fmt: skip
         du_desc = tl.make_tensor_descriptor(du_ptr, shape=[C, BLOCK, BLOCK], strides=[BLOCK * BLOCK, BLOCK, 1],
-                                            block_shape=[1, BLOCK, BLOCK])  # fmt: skip
+                                            block_shape=[1, BLOCK, CW])  # fmt: skip
         if STORE_H:
             h_desc = tl.make_tensor_descriptor(h_ptr, shape=[C, BLOCK, BLOCK], strides=[BLOCK * BLOCK, BLOCK, 1],
-                                               block_shape=[1, BLOCK, BLOCK])  # fmt: skip
+                                               block_shape=[1, BLOCK, CW])  # fmt: skip
+        else:
+            h_desc = dg_desc
+    else:  # unused: the chunk function takes both forms
+        g_desc, u_desc, dg_desc, du_desc, h_desc = g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr
     for t in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         packed = tl.load(schedule_ptr + t)
         r = packed >> COL_BITS
-        f0 = (packed & ((1 << COL_BITS) - 1)) * BLOCKS_N
+        c = packed & ((1 << COL_BITS) - 1)  # the column tile: the workspace row of its partial sums
+        f0 = c * BLOCKS_N
         first = r * F + f0
         steps = tl.where(first < n_active, k_steps, 0)  # a spare tile: no K step, zeros stored
         e = tl.load(block_row_expert_ptr + r)
@@ -143,66 +153,129 @@ def _sdd_glu_bwd_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        # The elements that hold data: rows before the expert's end and columns before ffn; a
-        # spare row's range is empty (start = end = S), so its row_mask is all false. g and u
-        # are taken only there (0 elsewhere), so the saved blocks' padding never reaches an
-        # output. dh is zeroed outside too: past the expert's end TMA read the next expert's
-        # dy rows, and an inf there times u = 0 would be NaN in this expert's padding.
-        valid = row_mask[:, None] & col_mask[None, :]
-        dh = tl.where(valid, acc, 0.0)
-        # The tile's blocks start at block `first` (an int64 scalar base: first * BLOCK**2 can pass
-        # 2**31); within the tile the offsets stay int32 (< 256 * BLOCK), fewer registers per element.
+        # The tile's blocks start at block `first` (an int64 scalar base: first * BLOCK**2 can pass 2**31).
         base = first.to(tl.int64) * (BLOCK * BLOCK)
-        tile_off = (offs_n // BLOCK)[None, :] * (BLOCK * BLOCK) + offs[:, None] * BLOCK + (offs_n % BLOCK)[None, :]
-        store_mask = (f0 + offs_n // BLOCK < F)[None, :]
-        # Ordered so that few full tiles are live at once: g dies into silu and dh * silu'(g),
-        # dh after du's store, and u is loaded last. Under EPI_TMA the box reads the whole block
-        # (padding included: NaN there must not leak), so where() selects 0 outside `valid`.
-        if EPI_TMA:
-            g = tl.where(valid, g_desc.load([first, 0, 0]).reshape(BLOCK, BN).to(tl.float32), 0.0)
+        if ROW_WEIGHTS:
+            w = tl.load(w_ptr + rows.to(tl.int64) * stride_w, mask=row_mask, other=0.0).to(tl.float32)
         else:
-            g = tl.load(g_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
-        silu = g * s
-        dh_dsilu = dh * (s + silu * (1.0 - s))  # dh * silu'(g), silu'(g) = s * (1 + g * (1 - s)); fp32 throughout
-        du = (dh * silu).to(du_ptr.dtype.element_ty)
-        if EPI_TMA:
-            du_desc.store([first, 0, 0], du.reshape(1, BLOCK, BN))
-            u = tl.where(valid, u_desc.load([first, 0, 0]).reshape(BLOCK, BN).to(tl.float32), 0.0)
+            w = tl.zeros((BLOCK,), dtype=tl.float32)  # unused
+        # The accumulator in column chunks (a reshape and split: no data movement in the MMA layout,
+        # where each thread holds columns c and c + BN/2), so that each chunk's g, u and outputs are live alone.
+        if EPI_SPLIT == 1:
+            part = _glu_bwd_chunk(acc, 0, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
+                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
+        elif EPI_SPLIT == 2:
+            a0, a1 = acc.reshape(BLOCK, 2, CW).permute(0, 2, 1).split()
+            part = _glu_bwd_chunk(a0, 0, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
+                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
+            part += _glu_bwd_chunk(a1, 1, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
+                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
         else:
-            tl.store(du_ptr + base + tile_off, du, mask=store_mask)
-            u = tl.load(u_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
+            lo, hi = acc.reshape(BLOCK, 2, 2 * CW).permute(0, 2, 1).split()
+            a0, a1 = lo.reshape(BLOCK, 2, CW).permute(0, 2, 1).split()
+            part = _glu_bwd_chunk(a0, 0, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
+                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
+            part += _glu_bwd_chunk(a1, 1, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
+                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
+            a2, a3 = hi.reshape(BLOCK, 2, CW).permute(0, 2, 1).split()
+            part += _glu_bwd_chunk(a2, 2, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
+                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
+            part += _glu_bwd_chunk(a3, 3, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
+                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
+        if ROW_WEIGHTS:
+            # d w[row] = sum_f dh[row, f] * h[row, f] over this tile's columns: one partial per (column
+            # tile, row), each written by exactly one tile (rows of other block rows are masked off).
+            tl.store(dw_ptr + c.to(tl.int64) * S + rows.to(tl.int64), part, mask=row_mask)
+
+
+@triton.jit
+def _glu_bwd_chunk(acc, j: tl.constexpr, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
+                   g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK: tl.constexpr, CW: tl.constexpr,
+                   EPI_TMA: tl.constexpr, STORE_H: tl.constexpr, ROW_WEIGHTS: tl.constexpr):  # fmt: skip
+    """Columns ``[j * CW, (j + 1) * CW)`` of a tile's epilogue; returns their part of ``sum_f dh * h`` per row."""
+    offs = tl.arange(0, BLOCK)
+    on = j * CW + tl.arange(0, CW)  # column within the tile
+    # The elements that hold data: rows before the expert's end and columns before ffn; a
+    # spare row's range is empty (start = end = S), so its row_mask is all false. g and u
+    # are taken only there (0 elsewhere), so the saved blocks' padding never reaches an
+    # output. dh is zeroed outside too: past the expert's end TMA read the next expert's
+    # dy rows, and an inf there times u = 0 would be NaN in this expert's padding.
+    valid = row_mask[:, None] & (col0 + on < N)[None, :]
+    dh = tl.where(valid, acc, 0.0)
+    # Within the tile the offsets stay int32 (< 256 * BLOCK), fewer registers per element.
+    tile_off = (on // BLOCK)[None, :] * (BLOCK * BLOCK) + offs[:, None] * BLOCK + (on % BLOCK)[None, :]
+    store_mask = (f0 + on // BLOCK < F)[None, :]
+    # Ordered so that few full chunks are live at once: g dies into silu and dh * silu'(g), dh
+    # after du's store, and u is loaded last. Under EPI_TMA the box reads the whole block
+    # (padding included: NaN there must not leak), so where() selects 0 outside `valid`.
+    # With ROW_WEIGHTS, `dh` is the unweighted product and w scales each output in fp32
+    # before its one rounding: du = w * (dh * silu), dg = w * (dh * silu') * u.
+    if EPI_TMA:
+        g = tl.where(valid, g_desc.load([first, 0, j * CW]).reshape(BLOCK, CW).to(tl.float32), 0.0)
+    else:
+        g = tl.load(g_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    silu = g * s
+    dh_dsilu = dh * (s + silu * (1.0 - s))  # dh * silu'(g), silu'(g) = s * (1 + g * (1 - s)); fp32 throughout
+    dh_silu = dh * silu
+    if ROW_WEIGHTS:
+        du = (dh_silu * w[:, None]).to(du_ptr.dtype.element_ty)
+    else:
+        du = dh_silu.to(du_ptr.dtype.element_ty)
+    if EPI_TMA:
+        du_desc.store([first, 0, j * CW], du.reshape(1, BLOCK, CW))
+        u = tl.where(valid, u_desc.load([first, 0, j * CW]).reshape(BLOCK, CW).to(tl.float32), 0.0)
+    else:
+        tl.store(du_ptr + base + tile_off, du, mask=store_mask)
+        u = tl.load(u_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
+    part = tl.zeros((BLOCK,), dtype=tl.float32)
+    if ROW_WEIGHTS:
+        part = tl.sum(dh_silu * u, axis=1)  # zero outside `valid`
+        dg = (dh_dsilu * u * w[:, None]).to(dg_ptr.dtype.element_ty)
+    else:
         dg = (dh_dsilu * u).to(dg_ptr.dtype.element_ty)
+    if EPI_TMA:
+        dg_desc.store([first, 0, j * CW], dg.reshape(1, BLOCK, CW))
+    else:
+        tl.store(dg_ptr + base + tile_off, dg, mask=store_mask)
+    if STORE_H:
+        # silu(g) again from a second read of the g chunk (in L2: it was just read) rather than
+        # kept live across the du and dg stores, which spilled at one 128x128 chunk: TMA 255
+        # registers and 16 B of stack, pointers 320 B; with the reload 181 and none, pointers 184 B
+        # (tests/sm90_persistent_worker.py glu_bwd, bf16, block 128).
         if EPI_TMA:
-            dg_desc.store([first, 0, 0], dg.reshape(1, BLOCK, BN))
+            g2 = tl.where(valid, g_desc.load([first, 0, j * CW]).reshape(BLOCK, CW).to(tl.float32), 0.0)
+            h = (g2 * tl.sigmoid(g2) * u).to(h_ptr.dtype.element_ty)
+            h_desc.store([first, 0, j * CW], h.reshape(1, BLOCK, CW))
         else:
-            tl.store(dg_ptr + base + tile_off, dg, mask=store_mask)
-        if STORE_H:
-            # silu(g) again from a second read of the g tile (in L2: it was just read) rather than
-            # kept live across the du and dg stores, which spilled: TMA 255 registers and 16 B of
-            # stack, pointers 320 B; with the reload 181 and none, pointers 184 B
-            # (tests/sm90_persistent_worker.py glu_bwd, bf16, block 128).
-            if EPI_TMA:
-                g2 = tl.where(valid, g_desc.load([first, 0, 0]).reshape(BLOCK, BN).to(tl.float32), 0.0)
-                h = (g2 * tl.sigmoid(g2) * u).to(h_ptr.dtype.element_ty)
-                h_desc.store([first, 0, 0], h.reshape(1, BLOCK, BN))
-            else:
-                g2 = tl.load(g_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
-                h = (g2 * tl.sigmoid(g2) * u).to(h_ptr.dtype.element_ty)
-                tl.store(h_ptr + base + tile_off, h, mask=store_mask)
+            g2 = tl.load(g_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
+            h = (g2 * tl.sigmoid(g2) * u).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + base + tile_off, h, mask=store_mask)
+    return part
 
 
-def backward_default_config(block: int, elem_bytes: int = 2) -> dict:
-    """``sdd_glu``'s default (at block 128: a 128x128 tile, BK 64, 8 warps, 4 stages; one pinned config
-    under the interpreter). One accumulator, but the epilogue holds ``g`` and ``u`` tiles beside it
-    and computes three outputs: the GLU's half-width tile keeps that within the forward GLU's registers."""
-    return default_config(block, elem_bytes, glu=True)
+def backward_default_config(block: int, elem_bytes: int = 2, use_tma: bool = True) -> dict:
+    """``sdd_glu``'s tile (at block 128: 128x128, BK 64, 8 warps, 4 stages; one pinned config under the
+    interpreter) and the epilogue's column chunks: one with TMA (``EPI_SPLIT=1``), four on the pointer
+    path (``EPI_SPLIT=4``: each chunk's masked addresses, ``g`` and ``u`` live alone; at one chunk the
+    pointer kernel spilled, 255 registers and 32 to 472 B of stack, at four it needs 139 to 198 and
+    none: ``tests/sm90_persistent_worker.py glu_bwd``, ``docs/perf-notes.md``). Under the interpreter
+    the pointer path takes two chunks (a chunk is one more interpreted call; four are tested explicitly)."""
+    split = 1 if use_tma else (2 if interpreting() else 4)
+    return dict(default_config(block, elem_bytes, glu=True), EPI_SPLIT=split)
+
+
+def _workspace(tiles: int, rows: int, device) -> torch.Tensor:
+    """The routing-weight gradient's partial sums ``[tiles, rows]`` fp32 (uninitialised: every entry is written)."""
+    return torch.empty((tiles, rows), dtype=torch.float32, device=device)
 
 
 def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor, u: torch.Tensor, topo, *,
-                     store_h: bool = False, out: tuple | None = None, use_tma: bool | None = None, config: dict | None = None,
-                     num_programs: int | None = None, schedule: torch.Tensor | None = None):  # fmt: skip
-    """``(dg, du)``, or ``(dg, du, h)`` with ``store_h``: the SwiGLU gradients at the topology's blocks.
+                     row_weights: torch.Tensor | None = None, store_h: bool = False, out: tuple | None = None,
+                     use_tma: bool | None = None, config: dict | None = None, num_programs: int | None = None,
+                     schedule: torch.Tensor | None = None):  # fmt: skip
+    """``(dg, du)``, or ``(dg, du, h)`` with ``store_h``: the SwiGLU gradients at the topology's blocks;
+    with ``row_weights``, ``(dg, du, d_row_weights)`` or ``(dg, du, h, d_row_weights)``.
 
     ``dy_sorted [S, H]`` is the gradient of the down projection's output rows in sorted
     order, ``w2 [E, ffn, H]`` (any strides; read as ``w2[e]^T``), ``g`` and ``u`` the saved
@@ -212,6 +285,14 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
     blocks and padding zero; ``out`` gives them instead (``(dg, du)`` or ``(dg, du, h)``, contiguous,
     that shape and dtype), every element written. ``use_tma``, ``config``, ``num_programs`` and ``schedule``
     (``tile_schedule(topo, config's BLOCKS_N)``) as ``sdd_persistent``.
+
+    ``row_weights [S]`` (sorted order, any float dtype and stride): the forward was
+    ``y_sorted[r] = row_weights[r] * (h[r] @ w2[e])`` (``dsd_persistent(..., row_weights=)``).
+    Then ``dh`` is ``row_weights[r] * (dy_sorted @ w2[e]^T)`` (in fp32, before ``dg``/``du``
+    round; ``h`` is still ``silu(g) * u``), and ``d_row_weights[r] = dy_sorted[r] . (h[r] @ w2[e])
+    = sum_f (dy_sorted @ w2[e]^T)[r, f] * h[r, f]`` comes from the same pass: a new fp32 ``[S]``
+    tensor (never in ``out``), each column tile's row sums written once into an fp32 workspace
+    ``[column tiles, S]`` and summed over tiles by one deterministic ``sum(0)`` (no atomics).
     """
     op = "sdd_glu_backward"
     check_block_args(op, dy_sorted, w2, topo, rows_name="dy_sorted", expert_name="w2")
@@ -224,6 +305,11 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
         raise ValueError(f"{op}: w2.shape[2] must equal dy_sorted.shape[1]={H} (w2 is [E, ffn, H]), got {Hw}")
     if ffn != topo.ffn_size:
         raise ValueError(f"{op}: w2.shape[1] must equal topo.ffn_size={topo.ffn_size} (w2 is [E, ffn, H]), got {ffn}")
+    if row_weights is not None:
+        check_tensor(op, "row_weights", row_weights, dim=1)
+        if row_weights.shape[0] != S or row_weights.device != dy_sorted.device:
+            raise ValueError(f"{op}: row_weights must be [{S}] (one weight per sorted row) on {dy_sorted.device}, "
+                             f"got {tuple(row_weights.shape)} on {row_weights.device}")  # fmt: skip
     bs = topo.block_size
     new = lambda: torch.empty((topo.capacity, bs, bs), dtype=dy_sorted.dtype, device=dy_sorted.device)  # noqa: E731
     names = ("dg", "du", "h") if store_h else ("dg", "du")
@@ -241,19 +327,25 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
     dg, du = outs[0], outs[1]
     h = outs[2] if store_h else None
     if topo.capacity == 0:
-        return outs
-    cfg = dict(backward_default_config(bs, dy_sorted.element_size()), **(config or {}))
-    check_config_keys(op, cfg, ("BLOCK_K", "BLOCKS_N", "num_warps", "num_stages", "FLATTEN"))
-    if cfg["BLOCKS_N"] * bs > 256:
-        raise ValueError(f"{op}: config BLOCKS_N={cfg['BLOCKS_N']} x block {bs} > 256 columns (a TMA box's limit)")
+        return outs if row_weights is None else (*outs, torch.zeros(S, dtype=torch.float32, device=dy_sorted.device))
     b = w2.transpose(1, 2)  # [E, H, ffn]: K = H, N = ffn; K-contiguous when w2 is contiguous
     problems = [p for p in [tma_problem("dy_sorted", dy_sorted, 1)] if p]
     k_major, b_problems = _b_layout({"w2^T": b})
     problems += b_problems
     tma = resolve_tma(op, use_tma, dy_sorted, problems)
+    cfg = dict(backward_default_config(bs, dy_sorted.element_size(), use_tma=tma), **(config or {}))
+    check_config_keys(op, cfg, ("BLOCK_K", "BLOCKS_N", "num_warps", "num_stages", "FLATTEN", "EPI_SPLIT"))
+    if cfg["BLOCKS_N"] * bs > 256:
+        raise ValueError(f"{op}: config BLOCKS_N={cfg['BLOCKS_N']} x block {bs} > 256 columns (a TMA box's limit)")
+    split = cfg.get("EPI_SPLIT", 1)
+    if split not in (1, 2, 4) or cfg["BLOCKS_N"] * bs % split:
+        raise ValueError(f"{op}: config EPI_SPLIT={split} must be 1, 2 or 4 and divide the tile's "
+                         f"{cfg['BLOCKS_N'] * bs} columns")  # fmt: skip
     # The epilogue's blocks by TMA too where each tile is one block (a wider tile's box would
-    # reach into the next block row past F) and every block tensor's base is 16-byte aligned.
-    epi_tma = tma and cfg["BLOCKS_N"] == 1 and not any(tma_problem("", t, 2) for t in (g, u, *outs))
+    # reach into the next block row past F), every block tensor's base is 16-byte aligned and
+    # a chunk's rows are at least 16 bytes (a TMA box's inner extent).
+    epi_tma = (tma and cfg["BLOCKS_N"] == 1 and bs // split * dy_sorted.element_size() >= 16
+               and not any(tma_problem("", t, 2) for t in (g, u, *outs)))  # fmt: skip
     nt = triton.cdiv(topo.ffn_blocks, cfg["BLOCKS_N"])
     num_tiles = topo.max_block_rows * nt
     if schedule is None:
@@ -264,15 +356,20 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
     programs = num_programs or _default_programs(dy_sorted.device)
     if programs < 1:
         raise ValueError(f"{op}: num_programs must be >= 1, got {programs}")
+    rw = row_weights is not None
+    # Every (column tile, sorted row) entry is written by the one tile over that row's block row
+    # (each sorted row lies in exactly one active block row): no zero fill needed.
+    ws = _workspace(nt, S, dy_sorted.device) if rw else None
     _sdd_glu_bwd_kernel[(min(programs, num_tiles),)](
-        dy_sorted, b, g, u, dg, du, h if store_h else dg, schedule,
+        dy_sorted, b, g, u, dg, du, h if store_h else dg, row_weights if rw else dg, ws if rw else dg, schedule,
         topo.block_row_expert, topo.block_row_start, topo.block_row_end, topo.offsets,
         num_tiles, programs, S, topo.max_block_rows, H, ffn, topo.ffn_blocks, E,
         dy_sorted.stride(0), dy_sorted.stride(1), b.stride(0), b.stride(1), b.stride(2),
+        row_weights.stride(0) if rw else 0,
         BLOCK=bs, BLOCK_K=cfg["BLOCK_K"], BLOCKS_N=cfg["BLOCKS_N"], COL_BITS=max(1, (nt - 1).bit_length()),
         A_TMA=tma, B_TMA=tma, B_K_MAJOR=bool(tma and k_major), EPI_TMA=epi_tma, STORE_H=bool(store_h),
-        UPCAST=needs_upcast(dy_sorted.dtype), PRECISION=dot_precision(dy_sorted.dtype),
+        ROW_WEIGHTS=rw, EPI_SPLIT=split, UPCAST=needs_upcast(dy_sorted.dtype), PRECISION=dot_precision(dy_sorted.dtype),
         FLATTEN=bool(cfg.get("FLATTEN", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    return outs
+    return outs if not rw else (*outs, ws.sum(0))

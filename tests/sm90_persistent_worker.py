@@ -161,18 +161,22 @@ def _glu_bwd_cases(compile_all: bool) -> list[dict]:
     G = _glu_bwd_module()
     cases = []
 
-    def add(name, tma, k_major=True, store_h=False, cfg=None):
-        cfg = dict(cfg or G.backward_default_config(BLOCK, 2))
+    def add(name, tma, k_major=True, store_h=False, cfg=None, row_weights=False):
+        cfg = dict(cfg or G.backward_default_config(BLOCK, 2, use_tma=tma))
         cases.append(dict(name=name, kernel="glu_bwd", dtype="bf16", use_tma=tma, k_major=k_major, store_h=store_h,
-                          config=cfg))  # fmt: skip
+                          row_weights=row_weights, config=cfg))  # fmt: skip
 
     # w2 [E, ffn, H] contiguous, as the layer stores it: w2^T is the K-major view (the default case).
     add("glu_bwd tma", True)
     add("glu_bwd tma store_h", True, store_h=True)
     add("glu_bwd tma n-major w2^T", True, k_major=False)
     add("glu_bwd tma flatten", True, cfg=dict(G.backward_default_config(BLOCK, 2), FLATTEN=True))
+    add("glu_bwd tma row_weights", True, row_weights=True)
+    add("glu_bwd tma store_h row_weights", True, store_h=True, row_weights=True)
     add("glu_bwd pointers", False)
     add("glu_bwd pointers store_h", False, store_h=True)
+    add("glu_bwd pointers row_weights", False, row_weights=True)
+    add("glu_bwd pointers store_h row_weights", False, store_h=True, row_weights=True)
     if compile_all:
         P = _module()
         for tma in (True, False):
@@ -183,14 +187,17 @@ def _glu_bwd_cases(compile_all: bool) -> list[dict]:
 
 def _glu_bwd_source(case: dict):
     cfg = case["config"]
-    unit = {"stride_ak"} | ({"stride_bk"} if case["k_major"] else {"stride_bn"})
+    rw = case.get("row_weights", False)
+    # row_weights contiguous fp32 as the router makes them (stride_w == 1, specialised as a launch is).
+    unit = {"stride_ak"} | ({"stride_bk"} if case["k_major"] else {"stride_bn"}) | ({"stride_w"} if rw else set())
     constexprs = dict(
         BLOCK=BLOCK, BLOCK_K=cfg["BLOCK_K"], BLOCKS_N=cfg["BLOCKS_N"], COL_BITS=7, A_TMA=case["use_tma"],
         B_TMA=case["use_tma"], B_K_MAJOR=case["k_major"] and case["use_tma"], STORE_H=case["store_h"], UPCAST=False,
         EPI_TMA=case["use_tma"] and cfg["BLOCKS_N"] == 1,  # as the launcher decides (aligned block tensors)
-        PRECISION="tf32", FLATTEN=cfg.get("FLATTEN", False),
+        ROW_WEIGHTS=rw, EPI_SPLIT=cfg.get("EPI_SPLIT", 1), PRECISION="tf32", FLATTEN=cfg.get("FLATTEN", False),
     )  # fmt: skip
-    return _signature(_glu_bwd_module()._sdd_glu_bwd_kernel, constexprs, unit, case["dtype"], {})
+    ptrs = {"w_ptr": "fp32", "dw_ptr": "fp32"} if rw else {}
+    return _signature(_glu_bwd_module()._sdd_glu_bwd_kernel, constexprs, unit, case["dtype"], ptrs)
 
 
 def _cases(compile_all: bool, families=("sdd", "dsd", "dsd_t", "glu_bwd")) -> list[dict]:

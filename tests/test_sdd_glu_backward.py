@@ -9,8 +9,12 @@ read no padding and write zeros there. The oracle is dense: per sorted row ``i``
 kernel reads, ``torch.autograd.grad(<y, dy>, (g, u))``, and the dense gradients placed into
 the block layout by ``reference.sdd_torch`` against identity matrices (exact in float64).
 
+Routing weights (``row_weights=``): dg, du scaled and ``d_row_weights`` against autograd of
+``y = w * (h @ w2)``, over the same cases and ``k = E``, with a NaN-filled workspace.
+
 sm_90: ``tests/sm90_persistent_worker.py ... glu_bwd`` compiles the bf16 BLOCK=128 launches
-and the checks of ``tests/test_sdd_persistent.py``'s ``sm90_records`` apply (HGMMA, UTMALDG
+(TMA and pointers, with ``store_h`` and ``row_weights``) and the checks of
+``tests/test_sdd_persistent.py``'s ``sm90_records`` apply to every one (HGMMA, UTMALDG
 exactly where descriptors are used, no local memory, shared memory within 227 KB).
 """
 
@@ -36,9 +40,25 @@ def _blocks(dense: torch.Tensor, topo) -> torch.Tensor:
     return ref.sdd_torch(dense, eye, topo)
 
 
-def _problem(device, name, dtype, seed=3):
-    """Inputs and the float64 oracle ``(dg, du, h)`` in block layout."""
-    plan, topo, rnd, (E, H, ffn) = persistent_case(device, name, dtype, seed)
+# The row-weight cases: the persistent ones and k = E (every token on every expert, each expert's
+# last block row partial: every sorted row's weight gradient sums over all the column tiles).
+RW_CASES = {**{n: None for n in PERSISTENT_CASES}, "k-equals-e": (11, 4, 4, 40, 72, 16, "uniform")}
+
+
+def _case(device, name, dtype, seed):
+    if RW_CASES.get(name) is None:
+        return persistent_case(device, name, dtype, seed)
+    T, E, k, width, ffn, bs, mode = RW_CASES[name]
+    plan = plan_routing(make_expert_ids(T, E, k, mode, seed=seed).to(device), E)
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    return plan, build_topology(plan, ffn, bs), rnd, (E, width, ffn)
+
+
+def _problem(device, name, dtype, seed=3, rw_dtype=None):
+    """Inputs and the float64 oracle ``(dg, du, h)`` in block layout; with ``rw_dtype`` also routing
+    weights ``[S]`` of that dtype (a stride-2 view, one of them 0) and the oracle ``d_row_weights``."""
+    plan, topo, rnd, (E, H, ffn) = _case(device, name, dtype, seed)
     S = plan.num_slots
     x, w1, v1, w2, dy = rnd(S, H), rnd(E, H, ffn), rnd(E, H, ffn), rnd(E, ffn, H), rnd(S, H)
     expert = torch.repeat_interleave(torch.arange(E, device=device), plan.tokens_per_expert.long())
@@ -47,10 +67,20 @@ def _problem(device, name, dtype, seed=3):
     u_rows = torch.einsum("sh,shf->sf", x.double(), v1.double()[expert]).to(dtype)
     g64, u64 = g_rows.double().requires_grad_(), u_rows.double().requires_grad_()
     y = torch.einsum("sf,sfh->sh", F_.silu(g64) * u64, w2.double()[expert])
-    dg64, du64 = torch.autograd.grad((y * dy.double()).sum(), (g64, u64)) if S else (g64, u64)
-    want = tuple(_blocks(t.detach(), topo) for t in (dg64, du64, F_.silu(g64) * u64))
+    inputs, rw = (g64, u64), None
+    if rw_dtype is not None:
+        buf = torch.rand(2 * S, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=rw_dtype)
+        buf[2 * (S // 2)] = 0  # a zero weight: dg/du vanish, its own gradient does not
+        rw = buf[::2]
+        rw64 = rw.double().requires_grad_()
+        y, inputs = y * rw64[:, None], (g64, u64, rw64)  # the forward: y_sorted[r] = w[r] * (h[r] @ w2[e])
+    grads = torch.autograd.grad((y * dy.double()).sum(), inputs) if S else inputs
+    want = tuple(_blocks(t.detach(), topo) for t in (grads[0], grads[1], F_.silu(g64) * u64))
+    if rw is not None:
+        want += (grads[2].detach(),)
     g, u = _blocks(g_rows.double(), topo).to(dtype), _blocks(u_rows.double(), topo).to(dtype)
-    return plan, topo, (dy, w2, padding_poisoned(g, topo), padding_poisoned(u, topo)), want
+    args = (dy, w2, padding_poisoned(g, topo), padding_poisoned(u, topo))
+    return plan, topo, args + ((rw,) if rw is not None else ()), want
 
 
 def _poisoned(topo, dtype, device, n):
@@ -80,19 +110,53 @@ def test_glu_backward_matches_autograd(device, name, dtype, use_tma):
     assert len(two) == 2 and torch.equal(two[0], dg) and torch.equal(two[1], du), "store_h changed dg/du"
 
 
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(RW_CASES))
+def test_glu_backward_row_weights_matches_autograd(device, name, dtype, use_tma, monkeypatch):
+    """``row_weights`` (fp32 or bf16, a strided view, one weight 0): dg, du scaled, h not, and ``d_row_weights``
+    against float64 autograd of ``y = w * (h @ w2)``; the workspace starts as NaN (every entry must be written)."""
+    rw_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    plan, topo, (dy, w2, g, u, rw), (dg64, du64, h64, drw64) = _problem(device, name, dtype, seed=5, rw_dtype=rw_dtype)
+    real = B._workspace
+    monkeypatch.setattr(B, "_workspace", lambda *a: real(*a).fill_(float("nan")))
+    dg, du, h, drw = B.sdd_glu_backward(dy, w2, g, u, topo, row_weights=rw, store_h=True,
+                                        out=_poisoned(topo, dtype, device, 3), use_tma=use_tma, num_programs=3)  # fmt: skip
+    tol = TOLERANCES[dtype]
+    assert drw.dtype == torch.float32 and drw.shape == (plan.num_slots,)
+    assert_close(dg, dg64, **tol, name=f"dg {name}")
+    assert_close(du, du64, **tol, name=f"du {name}")
+    assert_close(h, h64, **tol, name=f"h {name}")
+    assert_close(drw, drw64, **tol, name=f"d_row_weights {name}")
+    pad = padding_poisoned(torch.zeros_like(dg), topo).isnan()
+    for what, t in (("dg", dg), ("du", du), ("h", h)):
+        assert bool((t[pad] == 0).all()), f"{what}: padding or spare blocks not zero"
+    three = B.sdd_glu_backward(dy, w2, g, u, topo, row_weights=rw, use_tma=use_tma, num_programs=2)
+    assert len(three) == 3, "without store_h: (dg, du, d_row_weights)"
+    for what, a, b in zip(("dg", "du", "d_row_weights"), three, (dg, du, drw)):
+        assert torch.equal(a, b), f"{what}: changed with store_h or the program count (not deterministic)"
+
+
 def test_glu_backward_strided_w2_and_wide_tile(device):
-    """``w2`` as a transposed view (the N-major descriptor), a two-block tile with odd ``F``, 5 programs, FLATTEN."""
+    """``w2`` as a transposed view (the N-major descriptor), a two-block tile with odd ``F``, 5 programs, FLATTEN,
+    the epilogue's column chunks (``EPI_SPLIT``)."""
     dtype = torch.float32
     plan, topo, (dy, w2, g, u), want = _problem(device, "skewed-empty-experts", dtype, seed=4)
+    _, _, (*_, rw), want_rw = _problem(device, "skewed-empty-experts", dtype, seed=4, rw_dtype=torch.float16)
     assert topo.ffn_blocks % 2 == 1
     w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [E, ffn, H] with stride(2) != 1
     assert B._b_layout({"w2^T": w2_t.transpose(1, 2)}) == (False, [])
     for use_tma in (False, True):
-        for cfg in ({"BLOCKS_N": 2, "BLOCK_K": 16}, {"BLOCKS_N": 1, "FLATTEN": True}):
+        # The epilogue in 4, 2 and 1 column chunks (the last two: by TMA where use_tma, else pointers);
+        # the two-block tile with routing weights (each row's gradient summed over cdiv(F, 2) tiles).
+        for cfg in ({"BLOCKS_N": 2, "BLOCK_K": 16, "EPI_SPLIT": 4}, {"BLOCKS_N": 1, "FLATTEN": True, "EPI_SPLIT": 2},
+                    {"BLOCKS_N": 1, "EPI_SPLIT": 1}):  # fmt: skip
+            weighted = {"row_weights": rw} if cfg["BLOCKS_N"] == 2 else {}
             got = B.sdd_glu_backward(dy, w2_t, g, u, topo, store_h=True, out=_poisoned(topo, dtype, device, 3),
-                                     use_tma=use_tma, config=cfg, num_programs=5)  # fmt: skip
-            for what, a, e in zip(("dg", "du", "h"), got, want):
+                                     use_tma=use_tma, config=cfg, num_programs=5, **weighted)  # fmt: skip
+            for what, a, e in zip(("dg", "du", "h", "d_row_weights"), got, want_rw if weighted else want):
                 assert_close(a, e, **TOLERANCES[dtype], name=f"{what} {cfg} use_tma={use_tma}")
+            assert len(got) == 3 + bool(weighted)
 
 
 def test_glu_backward_bad_arguments_are_named(device):
@@ -119,25 +183,38 @@ def test_glu_backward_bad_arguments_are_named(device):
         f(dy, w2, g, u, topo, schedule=torch.zeros(3, dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="num_programs must be >= 1"):
         f(dy, w2, g, u, topo, num_programs=-1)
+    S = dy.shape[0]
+    with pytest.raises(ValueError, match=rf"row_weights must be \[{S}\] \(one weight per sorted row\)"):
+        f(dy, w2, g, u, topo, row_weights=torch.ones(S + 1, device=device))
+    with pytest.raises(ValueError, match="row_weights must be 1-D"):
+        f(dy, w2, g, u, topo, row_weights=torch.ones(S, 1, device=device))
+    with pytest.raises(TypeError, match="row_weights must have dtype float32, float16 or bfloat16"):
+        f(dy, w2, g, u, topo, row_weights=torch.ones(S, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="config EPI_SPLIT=3 must be 1, 2 or 4"):
+        f(dy, w2, g, u, topo, config={"EPI_SPLIT": 3})
     E, ffn, H = w2.shape
     empty = build_topology(plan_routing(make_expert_ids(0, E, 2, "uniform").to(device), E), ffn, 16)
     z = torch.zeros(0, 16, 16, device=device)
     assert [t.shape for t in f(torch.zeros(0, H, device=device), w2, z, z, empty, store_h=True)] == [(0, 16, 16)] * 3
+    got = f(torch.zeros(0, H, device=device), w2, z, z, empty, row_weights=torch.zeros(0, device=device))
+    assert [t.shape for t in got] == [(0, 16, 16), (0, 16, 16), (0,)] and got[2].dtype == torch.float32
     assert K.sdd_glu_backward is f
 
 
 def test_glu_backward_compiles_for_sm90():
-    """HGMMA, UTMALDG (and the epilogue's UTMASTG) exactly with descriptors, shared <= 227 KB; no local memory
-    on the TMA path. The pointer fallback's 128x128 epilogue spills (32 B of stack in the default config,
-    184 B with store_h, at 255 registers; docs/perf-notes.md): allowed here, bounded so that growth fails."""
+    """HGMMA, UTMALDG (and the epilogue's UTMASTG) exactly with descriptors, shared <= 227 KB, and no local
+    memory (stack, LDL, STL) on every record: both load paths, with store_h and with row_weights. The pointer
+    default's epilogue in four column chunks (EPI_SPLIT=4) is what keeps it there (docs/perf-notes.md)."""
     from test_sdd_persistent import sm90_records
 
-    pointers = frozenset({"glu_bwd pointers", "glu_bwd pointers store_h"})
-    records = sm90_records("glu_bwd", spills_known=pointers)
+    records = sm90_records("glu_bwd")  # no spills_known: a spill anywhere fails
     names = {r["name"] for r in records}
-    assert {"glu_bwd tma", "glu_bwd tma store_h", "glu_bwd pointers", "glu_bwd pointers store_h"} <= names
+    for path in ("tma", "pointers"):
+        for variant in ("", " store_h", " row_weights", " store_h row_weights"):
+            assert f"glu_bwd {path}{variant}" in names, f"glu_bwd {path}{variant} not compiled"
     for r in records:
-        if r["name"] in pointers:
-            assert r["resources"]["stack"] <= 192, f"{r['name']}: the known spill grew: {r['resources']}"
-        elif r["use_tma"]:
+        assert r["resources"]["stack"] == 0 and not (r["sass"]["LDL"] or r["sass"]["STL"]), f"{r['name']}: spills"
+        if r["use_tma"] and r["config"].get("BLOCKS_N", 1) == 1:
             assert r["sass"]["UTMASTG"] >= 2, f"{r['name']}: dg/du not stored by TMA: {r['sass']}"
+        if not r["use_tma"] and "sweep" not in r["name"]:
+            assert r["config"]["EPI_SPLIT"] == 4, f"{r['name']}: not the pointer default {r['config']}"
