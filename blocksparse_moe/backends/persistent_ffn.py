@@ -1,0 +1,189 @@
+"""The SwiGLU expert FFN built only from the persistent Hopper kernels (issue 15), opt-in.
+
+``persistent_glu_ffn(x, w1, v1, w2, plan, topo, weights)`` computes what
+``block_ffn(..., act=silu, backend="triton")`` computes for a GLU, ``y[t] = sum_j
+weights[t, j] * (silu(x[t] @ w1[e]) * (x[t] @ v1[e])) @ w2[e]`` over the token's k
+experts, with fewer launches and bytes:
+
+forward (3 launches after the plan's index):
+    ``sdd_glu(x, w1, v1, gather=token_index(plan), store_pre=True)``: the gather fused
+    into the SDD's A loads, SwiGLU in its epilogue; ``g``/``u`` kept for backward, ``h``
+    freed (backward recomputes it from ``g``/``u``), no ``[S, H]`` copy of ``x``.
+    ``dsd_persistent(h, w2, row_weights=weights in sorted order)``: the routing weights
+    in the epilogue (fp32, before the one rounding), then the top-k combine is a plain
+    deterministic gather-sum (``permute.combine``, ``weights=None``: no atomics).
+
+backward:
+    ``dy_sorted = gather(dy)``; ``sdd_glu_backward(dy_sorted, w2, g, u, row_weights=,
+    store_h=True)`` gives ``dg``, ``du`` (already scaled by the row weight), ``h`` and the
+    routing-weight gradient ``dy[r] . (h[r] @ w2[e])`` from the same pass; ``dw2 =
+    dsd_t_persistent(h, w * dy_sorted)``; ``x_sorted = gather(x)`` once (the persistent
+    DSD^T has no fused gather, and keeping it from forward would cost ``[S, H]`` of
+    activation memory for the whole step); ``dw1``/``dv1 = dsd_t_persistent(dg/du,
+    x_sorted)``; ``dx_sorted = dsd_persistent(dg, w1^T) + dsd_persistent(du, v1^T)``
+    (transposed views: the kernels read any strides), summed over each token's k rows
+    by ``combine`` (a gather per token, no atomics: deterministic).
+
+Nothing reads a value back to the host: the plan and topology are device tensors and
+every size used here comes from host-side shapes (tests check it). Plans with padding
+rows (``padded=`` of ``block_ffn``) are not supported: every sorted row must belong to
+an expert. Not picked by any backend yet: ``benchmarks/persistent_layer.py`` times it
+against the ``triton`` and ``grouped`` backends first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels as K
+from ..routing import RoutingPlan
+from ..topology import Topology
+
+__all__ = ["persistent_glu_ffn"]
+
+
+def _check(x, w1, v1, w2, plan, topo, weights) -> None:
+    """Shapes, dtypes and devices, named after this function's arguments (the kernels' names differ)."""
+    op = "persistent_glu_ffn"
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"{op}: plan must be a RoutingPlan (plan_routing), got {type(plan).__name__}")
+    if not isinstance(topo, Topology):
+        raise TypeError(f"{op}: topo must be a Topology (build_topology(plan, ffn, block)), got {type(topo).__name__}")
+    named = {"x": x, "w1": w1, "v1": v1, "w2": w2}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [tokens, hidden], got shape {tuple(x.shape)}")
+    T, H = x.shape
+    E, F = plan.num_experts, topo.ffn_size
+    if T != plan.num_tokens:
+        raise ValueError(f"{op}: x has {T} rows but plan.num_tokens={plan.num_tokens}; expected one row per token")
+    if topo.num_experts != E or topo.num_slots != plan.num_slots:
+        raise ValueError(f"{op}: topo was built for {topo.num_experts} experts and {topo.num_slots} slots, the plan "
+                         f"has {E} and {plan.num_slots}; expected build_topology(plan, ...)")  # fmt: skip
+    for name, want in (("w1", (E, H, F)), ("v1", (E, H, F)), ("w2", (E, F, H))):
+        if tuple(named[name].shape) != want:
+            raise ValueError(f"{op}: {name} must have shape {want} (experts, {'hidden, ffn' if name != 'w2' else 'ffn, hidden'}"
+                             f"), got {tuple(named[name].shape)}")  # fmt: skip
+    for name, t in named.items():
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{op}: {name} is {t.dtype} on {t.device}; expected x's {x.dtype} on {x.device}")
+    if plan.device != x.device:
+        raise ValueError(f"{op}: the plan is on {plan.device}, x on {x.device}; expected one device")
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or not weights.dtype.is_floating_point:
+            raise TypeError(f"{op}: weights must be a float tensor [tokens, top_k] or None, got {weights!r:.60}")
+        if tuple(weights.shape) != (T, plan.top_k) or weights.device != x.device:
+            raise ValueError(f"{op}: weights must be [{T}, {plan.top_k}] on {x.device}, "
+                             f"got {tuple(weights.shape)} on {weights.device}")  # fmt: skip
+
+
+def persistent_glu_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    v1: torch.Tensor,
+    w2: torch.Tensor,
+    plan: RoutingPlan,
+    topo: Topology,
+    weights: torch.Tensor | None,
+    *,
+    use_tma: bool | None = None,
+) -> torch.Tensor:
+    """The SwiGLU dMoE expert FFN on the persistent kernels: ``x [T, H]`` -> ``y [T, H]`` (differentiable).
+
+    ``w1``/``v1`` ``[E, H, ffn]`` and ``w2`` ``[E, ffn, H]`` in any strides (a model's
+    ``[E, ffn, H]`` gate storage transposed, halves of a fused gate/up tensor, transformers'
+    ``down_proj [E, H, ffn]`` transposed); their gradients come back in the same strides
+    where the tensor is dense. ``plan``/``topo`` as ``block_ffn`` takes them
+    (``plan_routing(ids, E)``, ``build_topology(plan, ffn, block_size)``). ``weights [T, k]``
+    (any float dtype) or ``None`` (unweighted). ``use_tma`` goes to every kernel (None:
+    each decides; True: each requires it).
+    """
+    _check(x, w1, v1, w2, plan, topo, weights)
+    return _PersistentGLU.apply(x, w1, v1, w2, weights, plan, topo, use_tma)
+
+
+def _plan_tensors(plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    return plan.sorted_to_slot, plan.slot_to_sorted
+
+
+def _row_weights(weights: torch.Tensor | None, sorted_to_slot: torch.Tensor) -> torch.Tensor | None:
+    """``weights`` in sorted order, fp32 ``[S]``: the DSD and the GLU backward scale in fp32 anyway."""
+    if weights is None:
+        return None
+    return weights.detach().reshape(-1).float()[sorted_to_slot.long()]
+
+
+class _PersistentGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, v1, w2, weights, plan: RoutingPlan, topo: Topology, use_tma):
+        s2s, slot2s = _plan_tensors(plan)
+        k = plan.top_k
+        idx = K.token_index(plan)
+        rw = _row_weights(weights, s2s)
+        h, g, u = K.sdd_glu(x, w1, v1, topo, store_pre=True, gather=idx, use_tma=use_tma)
+        ys = K.dsd_persistent(h, w2, topo, row_weights=rw, use_tma=use_tma)
+        del h  # backward recomputes it from g and u (sdd_glu_backward's store_h): C less activation memory
+        y = K.combine(ys, slot2s, k)
+        ctx.save_for_backward(x, w1, v1, w2, g, u, idx, s2s, slot2s, rw if rw is not None else g, *topo.tensors())
+        ctx.sizes, ctx.k, ctx.has_w, ctx.use_tma = topo.sizes(), k, weights is not None, use_tma
+        ctx.w_dtype = weights.dtype if weights is not None else None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w1, v1, w2, g, u, idx, s2s, slot2s, rw, *topo_tensors = ctx.saved_tensors
+        topo = Topology.from_parts(ctx.sizes, topo_tensors)
+        rw = rw if ctx.has_w else None
+        k, tma = ctx.k, ctx.use_tma
+        need_x, need_w1, need_v1, need_w2, need_w = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        dy_sorted = K.gather(dy, s2s, k)
+        dg, du, h, d_rw = _glu_backward(dy_sorted, w2, g, u, topo, rw, need_w and ctx.has_w, tma)
+        d_weights = None
+        if need_w and ctx.has_w:
+            # sorted order -> [T, k]: slot s's gradient sits at sorted row slot_to_sorted[s] (a gather, deterministic)
+            d_weights = d_rw[slot2s.long()].reshape(-1, k).to(ctx.w_dtype)
+        dw1 = dv1 = dw2 = dx = None
+        if need_w2:
+            # y_sorted = w * (h @ w2): dw2[e] = h^T (w * dy_sorted). dy_sorted is not needed after this.
+            dy_w = dy_sorted if rw is None else dy_sorted.mul_(rw[:, None])
+            dw2 = K.dsd_t_persistent(h, dy_w, topo, out=_grad_like(w2), use_tma=tma)
+            del dy_w
+        del dy_sorted, h
+        if need_w1 or need_v1:
+            x_sorted = K.gather(x, s2s, k)
+            # dsd_t gives [E, ffn, H] = dw1^T: written through the transposed view of a w1-shaped gradient.
+            if need_w1:
+                dw1 = _grad_like(w1)
+                K.dsd_t_persistent(dg, x_sorted, topo, out=dw1.transpose(1, 2), use_tma=tma)
+            if need_v1:
+                dv1 = _grad_like(v1)
+                K.dsd_t_persistent(du, x_sorted, topo, out=dv1.transpose(1, 2), use_tma=tma)
+            del x_sorted
+        if need_x:
+            dxs = K.dsd_persistent(dg, w1.transpose(1, 2), topo, use_tma=tma)
+            dxs.add_(K.dsd_persistent(du, v1.transpose(1, 2), topo, use_tma=tma))
+            dx = K.combine(dxs, slot2s, k)  # the sum over each token's k sorted rows: a gather, no atomics
+        return dx, dw1, dv1, dw2, d_weights, None, None, None
+
+
+def _grad_like(w: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient in ``w``'s strides where ``w`` is dense (a transposed view stays one), else contiguous.
+
+    ``dsd_t_persistent`` writes every element of any strided ``[E, ffn, N]`` target.
+    """
+    return torch.empty_like(w, memory_format=torch.preserve_format)
+
+
+def _glu_backward(dy_sorted, w2, g, u, topo, rw, need_rw: bool, tma):
+    """``(dg, du, h, d_row_weights)`` from one ``sdd_glu_backward`` pass: ``dg``/``du`` scaled by ``rw``
+    (when given) in fp32 before their rounding, ``h = silu(g) * u`` (for ``dw2``), and ``d_row_weights``
+    fp32 ``[S]`` (``dy[r] . (h[r] @ w2[e])``, None when not asked for)."""
+    if rw is None:
+        dg, du, h = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, use_tma=tma)
+        return dg, du, h, None
+    dg, du, h, d_rw = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, row_weights=rw, use_tma=tma)
+    return dg, du, h, (d_rw if need_rw else None)
