@@ -355,7 +355,9 @@ def run_dsd_t(run: Runner, shape: KernelShape, routing: str, sweep: bool):
 
 
 def run_glu_bwd(run: Runner, shape: KernelShape, routing: str, sweep: bool):
-    """``dh = dy @ w2^T`` + the torch activation backward against ``sdd_glu_backward`` (``sweep`` unused)."""
+    """``dh = dy @ w2^T`` + the torch activation backward against ``sdd_glu_backward`` (``sweep`` unused);
+    then with routing weights: the unfused side scales ``dy`` first (``(w * dy) @ w2^T``, no ``d_row_weights``:
+    a conservative baseline), the fused one also returns ``d_row_weights``."""
     G = importlib.import_module("blocksparse_moe.kernels.sdd_glu_backward")
     dev, dt = run.device, torch.bfloat16
     plan, topo = _setup(shape, routing, dev)
@@ -367,9 +369,10 @@ def run_glu_bwd(run: Runner, shape: KernelShape, routing: str, sweep: bool):
     _, g, u = P.sdd_glu(x, w1, v1, topo, store_pre=True)  # the forward's saved pre-activations (untimed)
     del x, w1, v1
     dy, w2 = rnd(S, H), rnd(E, N, H, scale=N**-0.5)
+    rw = torch.rand(S, generator=gen, device=dev)  # fp32 routing weights in sorted order
     base = dict(shape=shape.name, routing=routing)
 
-    def unfused():
+    def unfused(dy=dy):
         dh = P_sdd(dy, w2.transpose(1, 2), topo).float()
         gf, uf = g.float(), u.float()
         s = torch.sigmoid(gf)
@@ -382,6 +385,13 @@ def run_glu_bwd(run: Runner, shape: KernelShape, routing: str, sweep: bool):
                    lambda tma=tma: G.sdd_glu_backward(dy, w2, g, u, topo, use_tma=tma), check=same, flops=c["flops"])  # fmt: skip
     run.record(base, "sdd_glu_backward tma store_h", lambda: G.sdd_glu_backward(dy, w2, g, u, topo, store_h=True,
                use_tma=True), check=same, flops=c["flops"])  # fmt: skip
+    ref_w = run.record(base, "glu bwd rw: sdd (w*dy, w2^T) + torch", lambda: unfused((dy.float() * rw[:, None]).to(dt)),
+                       flops=c["flops"])  # fmt: skip
+    same_w = (lambda out: (out[0], ref_w[0])) if ref_w is not None else None
+    for tma in (False, True):
+        run.record(base, f"sdd_glu_backward {'tma' if tma else 'pointers'} row_weights",
+                   lambda tma=tma: G.sdd_glu_backward(dy, w2, g, u, topo, row_weights=rw, use_tma=tma), check=same_w,
+                   flops=c["flops"])  # fmt: skip
 
 
 def P_sdd(x, w, topo):  # noqa: N802 - the existing kernel, by import path (the package exports the function)

@@ -131,6 +131,8 @@ def test_glu_backward_row_weights_matches_autograd(device, name, dtype, use_tma,
     pad = padding_poisoned(torch.zeros_like(dg), topo).isnan()
     for what, t in (("dg", dg), ("du", du), ("h", h)):
         assert bool((t[pad] == 0).all()), f"{what}: padding or spare blocks not zero"
+    if dtype != torch.float32:
+        return  # the second launch once per case and path (interpreter time)
     three = B.sdd_glu_backward(dy, w2, g, u, topo, row_weights=rw, use_tma=use_tma, num_programs=2)
     assert len(three) == 3, "without store_h: (dg, du, d_row_weights)"
     for what, a, b in zip(("dg", "du", "d_row_weights"), three, (dg, du, drw)):
