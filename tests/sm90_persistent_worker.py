@@ -162,7 +162,8 @@ def _glu_bwd_cases(compile_all: bool) -> list[dict]:
     cases = []
 
     def add(name, tma, k_major=True, store_h=False, cfg=None, row_weights=False):
-        cfg = dict(cfg or G.backward_default_config(BLOCK, 2, use_tma=tma))
+        # A sweep config keeps its path's default epilogue chunks (EPI_SPLIT) unless it names them.
+        cfg = dict(G.backward_default_config(BLOCK, 2, use_tma=tma), **(cfg or {}))
         cases.append(dict(name=name, kernel="glu_bwd", dtype="bf16", use_tma=tma, k_major=k_major, store_h=store_h,
                           row_weights=row_weights, config=cfg))  # fmt: skip
 
@@ -181,7 +182,7 @@ def _glu_bwd_cases(compile_all: bool) -> list[dict]:
         P = _module()
         for tma in (True, False):
             for cfg in P.persistent_configs(BLOCK, 2, True, use_tma=tma):
-                add(f"glu_bwd {'tma' if tma else 'pointers'} sweep", tma, store_h=True, cfg=cfg)
+                add(f"glu_bwd {'tma' if tma else 'pointers'} sweep", tma, store_h=True, cfg=cfg, row_weights=True)
     return cases
 
 
