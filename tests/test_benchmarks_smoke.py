@@ -134,3 +134,27 @@ def test_ep_microbatch_benchmark_runs_at_two_ranks(tmp_path):
     res = json.loads(out.read_text())["results"]
     assert {"sequential", "block-major", "interleaved"} <= set(res)
     assert res["sequential_over_interleaved"]["median"] > 0
+
+
+def test_persistent_layer_benchmark_smoke(tmp_path):
+    """``python -m benchmarks.persistent_layer --smoke``: every implementation and routing once on the CPU
+    (interpreter, fp32), checked against the grouped backend; the results file has what a GPU run reports."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, "-m", "benchmarks.persistent_layer", "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "persistent-layer.json").read_text())
+    assert {"device", "torch", "triton", "git_sha"} <= set(data["env"])
+    recs = data["results"]
+    assert {(r["impl"], r["routing"]) for r in recs} == {
+        (i, r) for i in ("grouped", "persistent", "triton") for r in ("uniform", "skewed")
+    }
+    for r in recs:
+        assert "error" not in r, r
+        assert r["fwd_bwd"]["median_ms"] > 0 and r["fwd"]["median_ms"] > 0
+        assert set(r["memory"]) == {"peak_bytes", "step_peak_bytes"}  # None on the CPU
+        if r["impl"] != "grouped":  # fp32: the two implementations agree to rounding
+            errs = r["rel_err_vs_grouped"]
+            assert set(errs) == {"y", "dx", "dweights", "dw1", "dv1", "dw2"} and max(errs.values()) < 1e-4, errs
+    assert {s["impl"] for s in data["env"]["summary"]} == {"grouped", "persistent", "triton"}
