@@ -10,8 +10,8 @@ held to the size of its terms (it is a dot product that cancels, as in
 ``test_moe_ffn.py``). The function takes no out buffers; the weight gradients' buffers
 (``_grad_like``, uninitialised in the library) are NaN-poisoned here, so every element
 must be written (an expert with no rows gets exact zeros). Also: transposed and strided
-weight views (gradients in the same strides), the unweighted form, the TMA load paths
-under the interpreter, no host read in forward and backward, and the argument errors.
+weight views (gradients in the same strides), the unweighted form, frozen experts, an
+empty batch, the TMA load paths under the interpreter, no host read in forward and backward, and the argument errors.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def poisoned_grads(monkeypatch):
     )
 
 
-def run_case(device, name, dtype, *, seed=0, layouts=None, weighted=True, use_tma=None):
+def run_case(device, name, dtype, *, seed=0, layouts=None, weighted=True, use_tma=None, frozen=()):
     """Forward + backward through ``persistent_glu_ffn`` and the float64 oracle; compare everything.
 
     ``layouts``: ``{name: fn}`` turning a contiguous weight into the view passed in (same values).
+    ``frozen``: inputs that do not require a gradient (then none is computed for them).
     """
     T, E, k, H, ffn, bs, mode = CASES[name]
     ids = make_expert_ids(T, E, k, mode, seed=seed)
@@ -69,7 +70,7 @@ def run_case(device, name, dtype, *, seed=0, layouts=None, weighted=True, use_tm
     ours = {}
     for n, t in leaves.items():
         t = t.to(device=device, dtype=dtype)
-        ours[n] = (layouts[n](t) if layouts and n in layouts else t).detach().requires_grad_()
+        ours[n] = (layouts[n](t) if layouts and n in layouts else t).detach().requires_grad_(n not in frozen)
     oracle = {n: t.detach().double().cpu().requires_grad_() for n, t in ours.items()}
     w_oracle = oracle.get("weights", torch.ones(T, k, dtype=torch.float64))
     y = PF.persistent_glu_ffn(ours["x"], ours["w1"], ours["v1"], ours["w2"], plan, topo, ours.get("weights"),
@@ -82,6 +83,9 @@ def run_case(device, name, dtype, *, seed=0, layouts=None, weighted=True, use_tm
     (y * dy.to(device=device, dtype=dtype)).sum().backward()
     (y_ref * dy.double()).sum().backward()
     for n, t in ours.items():
+        if n in frozen:
+            assert t.grad is None, f"{name}: a gradient for the frozen {n}"
+            continue
         assert t.grad is not None, f"{name}: no gradient for {n}"
         assert t.grad.dtype == t.dtype, f"{name}: grad {n} is {t.grad.dtype}, expected {t.dtype}"
         scale = _weights_grad_terms(oracle, ids, dy.double(), "silu") if n == "weights" else None
@@ -113,6 +117,26 @@ def test_weight_layouts_and_unweighted(device, poisoned_grads):
         assert ours[n].grad.stride() == ours[n].stride(), (
             f"grad {n} strides {ours[n].grad.stride()} != {ours[n].stride()}"
         )
+
+
+def test_frozen_experts(device):
+    """Only ``x`` and the routing weights need gradients (frozen experts): the weight gradients are skipped."""
+    run_case(device, "one-token", torch.float32, seed=4, frozen=("w1", "v1", "w2"))
+
+
+def test_no_tokens(device, poisoned_grads):
+    """An empty batch: an empty output, and exact zeros for every weight gradient (no expert has a row)."""
+    T, E, k, H, ffn, bs, mode = 0, 4, 2, 16, 24, 16, "uniform"
+    plan = plan_routing(make_expert_ids(T, E, k, mode).to(device), E)
+    topo = build_topology(plan, ffn, bs)
+    leaves, _ = _leaves(T, E, k, H, ffn, 0)
+    t = {n: v.to(device).requires_grad_() for n, v in leaves.items()}
+    y = PF.persistent_glu_ffn(t["x"], t["w1"], t["v1"], t["w2"], plan, topo, t["weights"])
+    assert y.shape == (0, H)
+    y.sum().backward()
+    assert t["x"].grad.shape == (0, H) and t["weights"].grad.shape == (0, k)
+    for n in ("w1", "v1", "w2"):
+        assert torch.equal(t[n].grad, torch.zeros_like(t[n])), f"grad {n} is not exactly zero"
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter's TMA emulation; on a GPU the auto path tests TMA")
