@@ -1,4 +1,4 @@
-"""Times the SwiGLU dMoE expert layer, forward + backward, on the persistent kernels against the other backends (issue 15).
+"""Times the SwiGLU dMoE expert layer fwd+bwd on the persistent kernels against the other backends (issue 15).
 
 ``python -m benchmarks.persistent_layer --out DIR`` on a CUDA GPU (bf16): for the
 Mixtral (h4096/f14336/E8/k2) and fine-grained (h2048/f768/E128/k8) shapes at 16K
@@ -65,8 +65,9 @@ def make_inputs(shape: KernelShape, routing: str, device, dtype, seed: int = 0) 
     ids = make_expert_ids(T, E, k, routing, gen)
     # Drawn on the CPU in fp32 then moved: the same values on any device (a CPU generator is portable).
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device=device, dtype=dtype)  # noqa: E731
-    t = dict(x=rnd(T, H), weights=torch.rand(T, k, generator=gen).softmax(-1).to(device=device, dtype=dtype),
-             w1=rnd(E, H, N, scale=H**-0.5), v1=rnd(E, H, N, scale=H**-0.5), w2=rnd(E, N, H, scale=N**-0.5))  # fmt: skip
+    weights = torch.rand(T, k, generator=gen).softmax(-1).to(device=device, dtype=dtype)
+    t = dict(x=rnd(T, H), weights=weights, w1=rnd(E, H, N, scale=H**-0.5), v1=rnd(E, H, N, scale=H**-0.5),
+             w2=rnd(E, N, H, scale=N**-0.5))  # fmt: skip
     for name in LEAVES:
         t[name].requires_grad_()
     t["dy"] = rnd(T, H)

@@ -33,6 +33,8 @@ against the ``triton`` and ``grouped`` backends first.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .. import kernels as K
@@ -40,6 +42,11 @@ from ..routing import RoutingPlan
 from ..topology import Topology
 
 __all__ = ["persistent_glu_ffn"]
+
+# The launchers' modules, for their default configs (the tile schedules depend on them).
+_SDD = importlib.import_module("blocksparse_moe.kernels.sdd_persistent")
+_DSD = importlib.import_module("blocksparse_moe.kernels.dsd_persistent")
+_DSD_T = importlib.import_module("blocksparse_moe.kernels.dsd_t_persistent")
 
 
 def _check(x, w1, v1, w2, plan, topo, weights) -> None:
@@ -62,10 +69,10 @@ def _check(x, w1, v1, w2, plan, topo, weights) -> None:
     if topo.num_experts != E or topo.num_slots != plan.num_slots:
         raise ValueError(f"{op}: topo was built for {topo.num_experts} experts and {topo.num_slots} slots, the plan "
                          f"has {E} and {plan.num_slots}; expected build_topology(plan, ...)")  # fmt: skip
-    for name, want in (("w1", (E, H, F)), ("v1", (E, H, F)), ("w2", (E, F, H))):
+    for name, want, dims in (("w1", (E, H, F), "hidden, ffn"), ("v1", (E, H, F), "hidden, ffn"),
+                             ("w2", (E, F, H), "ffn, hidden")):  # fmt: skip
         if tuple(named[name].shape) != want:
-            raise ValueError(f"{op}: {name} must have shape {want} (experts, {'hidden, ffn' if name != 'w2' else 'ffn, hidden'}"
-                             f"), got {tuple(named[name].shape)}")  # fmt: skip
+            raise ValueError(f"{op}: {name} must have shape {want} (experts, {dims}), got {tuple(named[name].shape)}")
     for name, t in named.items():
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"{op}: {name} is {t.dtype} on {t.device}; expected x's {x.dtype} on {x.device}")
@@ -122,11 +129,17 @@ class _PersistentGLU(torch.autograd.Function):
         k = plan.top_k
         idx = K.token_index(plan)
         rw = _row_weights(weights, s2s)
-        h, g, u = K.sdd_glu(x, w1, v1, topo, store_pre=True, gather=idx, use_tma=use_tma)
-        ys = K.dsd_persistent(h, w2, topo, row_weights=rw, use_tma=use_tma)
+        # The tile schedules once per step: the GLU SDD's serves the GLU backward (same tile), the DSD's
+        # the two DSDs of dx (same output width H). They depend only on the topology and the tile width.
+        bs, es = topo.block_size, x.element_size()
+        sdd_sched = K.tile_schedule(topo, _SDD.default_config(bs, es, glu=True)["BLOCKS_N"])
+        dsd_sched = K.dsd_tile_schedule(topo, x.shape[1], _DSD.default_config(bs, es)["BLOCK_N"])
+        h, g, u = K.sdd_glu(x, w1, v1, topo, store_pre=True, gather=idx, use_tma=use_tma, schedule=sdd_sched)
+        ys = K.dsd_persistent(h, w2, topo, row_weights=rw, use_tma=use_tma, schedule=dsd_sched)
         del h  # backward recomputes it from g and u (sdd_glu_backward's store_h): C less activation memory
         y = K.combine(ys, slot2s, k)
-        ctx.save_for_backward(x, w1, v1, w2, g, u, idx, s2s, slot2s, rw if rw is not None else g, *topo.tensors())
+        ctx.save_for_backward(x, w1, v1, w2, g, u, idx, s2s, slot2s, rw if rw is not None else g, sdd_sched,
+                              dsd_sched, *topo.tensors())  # fmt: skip
         ctx.sizes, ctx.k, ctx.has_w, ctx.use_tma = topo.sizes(), k, weights is not None, use_tma
         ctx.w_dtype = weights.dtype if weights is not None else None
         return y
@@ -134,14 +147,19 @@ class _PersistentGLU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, w1, v1, w2, g, u, idx, s2s, slot2s, rw, *topo_tensors = ctx.saved_tensors
+        x, w1, v1, w2, g, u, idx, s2s, slot2s, rw, sdd_sched, dsd_sched, *topo_tensors = ctx.saved_tensors
         topo = Topology.from_parts(ctx.sizes, topo_tensors)
         rw = rw if ctx.has_w else None
         k, tma = ctx.k, ctx.use_tma
         need_x, need_w1, need_v1, need_w2, need_w = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
         dy_sorted = K.gather(dy, s2s, k)
-        dg, du, h, d_rw = _glu_backward(dy_sorted, w2, g, u, topo, rw, need_w and ctx.has_w, tma)
+        dg, du, h, d_rw = _glu_backward(dy_sorted, w2, g, u, topo, rw, need_w and ctx.has_w, tma, sdd_sched)
+        # One DSD^T schedule (an argsort of the expert counts and a launch) for dw2, dw1 and dv1: all N = H.
+        t_sched = None
+        if need_w1 or need_v1 or need_w2:
+            block_n = _DSD_T.default_config(topo.block_size, x.element_size())["BLOCK_N"]
+            t_sched = K.dsd_t_tile_schedule(topo, x.shape[1], block_n)
         d_weights = None
         if need_w and ctx.has_w:
             # sorted order -> [T, k]: slot s's gradient sits at sorted row slot_to_sorted[s] (a gather, deterministic)
@@ -150,7 +168,7 @@ class _PersistentGLU(torch.autograd.Function):
         if need_w2:
             # y_sorted = w * (h @ w2): dw2[e] = h^T (w * dy_sorted). dy_sorted is not needed after this.
             dy_w = dy_sorted if rw is None else dy_sorted.mul_(rw[:, None])
-            dw2 = K.dsd_t_persistent(h, dy_w, topo, out=_grad_like(w2), use_tma=tma)
+            dw2 = K.dsd_t_persistent(h, dy_w, topo, out=_grad_like(w2), use_tma=tma, schedule=t_sched)
             del dy_w
         del dy_sorted, h
         if need_w1 or need_v1:
@@ -158,14 +176,14 @@ class _PersistentGLU(torch.autograd.Function):
             # dsd_t gives [E, ffn, H] = dw1^T: written through the transposed view of a w1-shaped gradient.
             if need_w1:
                 dw1 = _grad_like(w1)
-                K.dsd_t_persistent(dg, x_sorted, topo, out=dw1.transpose(1, 2), use_tma=tma)
+                K.dsd_t_persistent(dg, x_sorted, topo, out=dw1.transpose(1, 2), use_tma=tma, schedule=t_sched)
             if need_v1:
                 dv1 = _grad_like(v1)
-                K.dsd_t_persistent(du, x_sorted, topo, out=dv1.transpose(1, 2), use_tma=tma)
+                K.dsd_t_persistent(du, x_sorted, topo, out=dv1.transpose(1, 2), use_tma=tma, schedule=t_sched)
             del x_sorted
         if need_x:
-            dxs = K.dsd_persistent(dg, w1.transpose(1, 2), topo, use_tma=tma)
-            dxs.add_(K.dsd_persistent(du, v1.transpose(1, 2), topo, use_tma=tma))
+            dxs = K.dsd_persistent(dg, w1.transpose(1, 2), topo, use_tma=tma, schedule=dsd_sched)
+            dxs.add_(K.dsd_persistent(du, v1.transpose(1, 2), topo, use_tma=tma, schedule=dsd_sched))
             dx = K.combine(dxs, slot2s, k)  # the sum over each token's k sorted rows: a gather, no atomics
         return dx, dw1, dv1, dw2, d_weights, None, None, None
 
@@ -178,12 +196,13 @@ def _grad_like(w: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(w, memory_format=torch.preserve_format)
 
 
-def _glu_backward(dy_sorted, w2, g, u, topo, rw, need_rw: bool, tma):
+def _glu_backward(dy_sorted, w2, g, u, topo, rw, need_rw: bool, tma, schedule):
     """``(dg, du, h, d_row_weights)`` from one ``sdd_glu_backward`` pass: ``dg``/``du`` scaled by ``rw``
     (when given) in fp32 before their rounding, ``h = silu(g) * u`` (for ``dw2``), and ``d_row_weights``
     fp32 ``[S]`` (``dy[r] . (h[r] @ w2[e])``, None when not asked for)."""
     if rw is None:
-        dg, du, h = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, use_tma=tma)
+        dg, du, h = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, use_tma=tma, schedule=schedule)
         return dg, du, h, None
-    dg, du, h, d_rw = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, row_weights=rw, use_tma=tma)
+    dg, du, h, d_rw = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, row_weights=rw, use_tma=tma,
+                                         schedule=schedule)  # fmt: skip
     return dg, du, h, (d_rw if need_rw else None)
