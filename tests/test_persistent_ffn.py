@@ -139,6 +139,24 @@ def test_no_tokens(device, poisoned_grads):
         assert torch.equal(t[n].grad, torch.zeros_like(t[n])), f"grad {n} is not exactly zero"
 
 
+def test_saves_only_the_pre_activations(device):
+    """Autograd keeps the two pre-activations ``g``, ``u`` (2 of the sparse size, not ``h`` too) and no
+    ``[S, H]`` row copy (the gather is fused); besides them only the inputs and int32/fp32 index vectors."""
+    T, E, k, H, ffn, bs, mode = CASES["prime-experts"]
+    plan = plan_routing(make_expert_ids(T, E, k, mode).to(device), E)
+    topo = build_topology(plan, ffn, bs)
+    leaves, _ = _leaves(T, E, k, H, ffn, 0)
+    t = {n: v.to(device).requires_grad_() for n, v in leaves.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        PF.persistent_glu_ffn(t["x"], t["w1"], t["v1"], t["w2"], plan, topo, t["weights"])
+    inputs = {v.data_ptr() for v in t.values()}
+    blocks = [s for s in saved if s.shape == (topo.capacity, bs, bs)]
+    assert len(blocks) == 2, f"expected g and u saved, got {len(blocks)} block tensors"
+    others = [s for s in saved if s.data_ptr() not in inputs and s.shape != (topo.capacity, bs, bs)]
+    assert all(s.dim() == 1 for s in others), [tuple(s.shape) for s in others if s.dim() != 1]
+
+
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter's TMA emulation; on a GPU the auto path tests TMA")
 def test_tma_paths(device):
     """Every kernel through descriptors (use_tma=True: all operands are 16-byte aligned at these sizes)."""

@@ -152,8 +152,7 @@ class _PersistentGLU(torch.autograd.Function):
         rw = rw if ctx.has_w else None
         k, tma = ctx.k, ctx.use_tma
         need_x, need_w1, need_v1, need_w2, need_w = ctx.needs_input_grad[:5]
-        dy = dy.contiguous()
-        dy_sorted = K.gather(dy, s2s, k)
+        dy_sorted = K.gather(dy, s2s, k)  # any strides (a loss's expanded ones too): no contiguous copy first
         dg, du, h, d_rw = _glu_backward(dy_sorted, w2, g, u, topo, rw, need_w and ctx.has_w, tma, sdd_sched)
         # One DSD^T schedule (an argsort of the expert counts and a launch) for dw2, dw1 and dv1: all N = H.
         t_sched = None
