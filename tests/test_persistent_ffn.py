@@ -210,6 +210,10 @@ def test_argument_errors(device):
         ValueError, match=r"w2 must have shape \(4, 40, 24\) \(experts, ffn, hidden\), got \(4, 24, 40\)"
     ):
         call(w2=a["w2"].transpose(1, 2).contiguous())
+    with pytest.raises(
+        TypeError, match=r"persistent_glu_ffn: x must have dtype float32, float16 or bfloat16, got torch.float64"
+    ):
+        call(x=a["x"].double())
     with pytest.raises(ValueError, match=r"v1 is torch.float16 on cpu; expected x's torch.float32"):
         call(v1=a["v1"].half())
     with pytest.raises(ValueError, match=r"weights must be \[1, 2\] on cpu, got \(2, 1\)"):

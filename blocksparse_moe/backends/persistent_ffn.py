@@ -38,6 +38,7 @@ import importlib
 import torch
 
 from .. import kernels as K
+from ..kernels.checks import check_tensor
 from ..routing import RoutingPlan
 from ..topology import Topology
 
@@ -58,8 +59,7 @@ def _check(x, w1, v1, w2, plan, topo, weights) -> None:
         raise TypeError(f"{op}: topo must be a Topology (build_topology(plan, ffn, block)), got {type(topo).__name__}")
     named = {"x": x, "w1": w1, "v1": v1, "w2": w2}
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(op, name, t)  # a tensor of float32, float16 or bfloat16 (what the kernels take)
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [tokens, hidden], got shape {tuple(x.shape)}")
     T, H = x.shape
