@@ -17,6 +17,12 @@ elements that hold data (rows before the expert's end, columns before ``ffn``, a
 blocks), so NaN or garbage in the saved blocks' padding is never read and every spare
 block and padding element of the outputs is written as zero (``kernels/sdd.py``'s contract).
 
+With routing weights (``row_weights``: the forward scaled each output row by ``w[r]``, as
+``dsd_persistent(..., row_weights=)`` does) the outputs are scaled by ``w[r]`` in fp32 and the
+same pass returns ``d w[r] = sum_f (dy @ w2[e]^T)[r, f] * h[r, f]`` (deterministic, no atomics).
+The epilogue runs over ``EPI_SPLIT`` column chunks of the tile: four on the pointer path, which
+spills at one (``backward_default_config``; ``docs/perf-notes.md``, GLU backward).
+
 Same schedule, grid, TMA rules and expert-edge handling as ``kernels/sdd_persistent.py``
 (whose helpers come from ``persistent_common``). Opt-in only
 (``blocksparse_moe.kernels.sdd_glu_backward``): not timed, so nothing calls it by default.
@@ -159,33 +165,32 @@ def _sdd_glu_bwd_kernel(
             w = tl.load(w_ptr + rows.to(tl.int64) * stride_w, mask=row_mask, other=0.0).to(tl.float32)
         else:
             w = tl.zeros((BLOCK,), dtype=tl.float32)  # unused
-        # The accumulator in column chunks (a reshape and split: no data movement in the MMA layout,
-        # where each thread holds columns c and c + BN/2), so that each chunk's g, u and outputs are live alone.
-        if EPI_SPLIT == 1:
-            part = _glu_bwd_chunk(acc, 0, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
-                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
-        elif EPI_SPLIT == 2:
-            a0, a1 = acc.reshape(BLOCK, 2, CW).permute(0, 2, 1).split()
-            part = _glu_bwd_chunk(a0, 0, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
-                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
-            part += _glu_bwd_chunk(a1, 1, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
-                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
-        else:
-            lo, hi = acc.reshape(BLOCK, 2, 2 * CW).permute(0, 2, 1).split()
-            a0, a1 = lo.reshape(BLOCK, 2, CW).permute(0, 2, 1).split()
-            part = _glu_bwd_chunk(a0, 0, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
-                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
-            part += _glu_bwd_chunk(a1, 1, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
-                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
-            a2, a3 = hi.reshape(BLOCK, 2, CW).permute(0, 2, 1).split()
-            part += _glu_bwd_chunk(a2, 2, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
-                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
-            part += _glu_bwd_chunk(a3, 3, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
-                g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)
+        # The accumulator in column chunks, one at a time, so that each chunk's g, u, masks and
+        # addresses are live alone (docs/perf-notes.md: what keeps the pointer path from spilling).
+        part = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(EPI_SPLIT):
+            part += _glu_bwd_chunk(_column_chunk(acc, j, EPI_SPLIT), j, w, row_mask, first, base, f0, col0, N, F,
+                                   g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr, g_desc, u_desc, dg_desc, du_desc, h_desc,
+                                   BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)  # fmt: skip
         if ROW_WEIGHTS:
             # d w[row] = sum_f dh[row, f] * h[row, f] over this tile's columns: one partial per (column
             # tile, row), each written by exactly one tile (rows of other block rows are masked off).
             tl.store(dw_ptr + c.to(tl.int64) * S + rows.to(tl.int64), part, mask=row_mask)
+
+
+@triton.jit
+def _column_chunk(acc, j: tl.constexpr, SPLIT: tl.constexpr):
+    """Columns ``[j * n / SPLIT, (j + 1) * n / SPLIT)`` of ``acc [m, n]`` (SPLIT 1, 2 or 4) by reshape and
+    split: on the MMA layout each thread holds columns c and c + n/2, so no data moves."""
+    M: tl.constexpr = acc.shape[0]
+    out = acc
+    if SPLIT >= 2:  # one return below: Triton types every return statement of a function together
+        lo, hi = out.reshape(M, 2, out.shape[1] // 2).permute(0, 2, 1).split()
+        out = lo if j < SPLIT // 2 else hi
+    if SPLIT == 4:
+        q0, q1 = out.reshape(M, 2, out.shape[1] // 2).permute(0, 2, 1).split()
+        out = q0 if j % 2 == 0 else q1
+    return out
 
 
 @triton.jit
@@ -258,7 +263,7 @@ def backward_default_config(block: int, elem_bytes: int = 2, use_tma: bool = Tru
     """``sdd_glu``'s tile (at block 128: 128x128, BK 64, 8 warps, 4 stages; one pinned config under the
     interpreter) and the epilogue's column chunks: one with TMA (``EPI_SPLIT=1``), four on the pointer
     path (``EPI_SPLIT=4``: each chunk's masked addresses, ``g`` and ``u`` live alone; at one chunk the
-    pointer kernel spilled, 255 registers and 32 to 472 B of stack, at four it needs 139 to 198 and
+    pointer kernel spilled, 255 registers and 32 to 464 B of stack, at four it needs 139 to 198 and
     none: ``tests/sm90_persistent_worker.py glu_bwd``, ``docs/perf-notes.md``). Under the interpreter
     the pointer path takes two chunks (a chunk is one more interpreted call; four are tested explicitly)."""
     split = 1 if use_tma else (2 if interpreting() else 4)
