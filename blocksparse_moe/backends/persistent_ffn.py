@@ -111,10 +111,6 @@ def persistent_glu_ffn(
     return _PersistentGLU.apply(x, w1, v1, w2, weights, plan, topo, use_tma)
 
 
-def _plan_tensors(plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    return plan.sorted_to_slot, plan.slot_to_sorted
-
-
 def _row_weights(weights: torch.Tensor | None, sorted_to_slot: torch.Tensor) -> torch.Tensor | None:
     """``weights`` in sorted order, fp32 ``[S]``: the DSD and the GLU backward scale in fp32 anyway."""
     if weights is None:
@@ -125,9 +121,8 @@ def _row_weights(weights: torch.Tensor | None, sorted_to_slot: torch.Tensor) -> 
 class _PersistentGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, v1, w2, weights, plan: RoutingPlan, topo: Topology, use_tma):
-        s2s, slot2s = _plan_tensors(plan)
-        k = plan.top_k
-        idx = K.token_index(plan)
+        s2s, slot2s, k = plan.sorted_to_slot, plan.slot_to_sorted, plan.top_k
+        idx = K.token_index(plan)  # the fused gather's index; backward's gather of x takes sorted_to_slot itself
         rw = _row_weights(weights, s2s)
         # The tile schedules once per step: the GLU SDD's serves the GLU backward (same tile), the DSD's
         # the two DSDs of dx (same output width H). They depend only on the topology and the tile width.
@@ -138,7 +133,7 @@ class _PersistentGLU(torch.autograd.Function):
         ys = K.dsd_persistent(h, w2, topo, row_weights=rw, use_tma=use_tma, schedule=dsd_sched)
         del h  # backward recomputes it from g and u (sdd_glu_backward's store_h): C less activation memory
         y = K.combine(ys, slot2s, k)
-        ctx.save_for_backward(x, w1, v1, w2, g, u, idx, s2s, slot2s, rw if rw is not None else g, sdd_sched,
+        ctx.save_for_backward(x, w1, v1, w2, g, u, s2s, slot2s, rw if rw is not None else g, sdd_sched,
                               dsd_sched, *topo.tensors())  # fmt: skip
         ctx.sizes, ctx.k, ctx.has_w, ctx.use_tma = topo.sizes(), k, weights is not None, use_tma
         ctx.w_dtype = weights.dtype if weights is not None else None
@@ -147,7 +142,7 @@ class _PersistentGLU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, w1, v1, w2, g, u, idx, s2s, slot2s, rw, sdd_sched, dsd_sched, *topo_tensors = ctx.saved_tensors
+        x, w1, v1, w2, g, u, s2s, slot2s, rw, sdd_sched, dsd_sched, *topo_tensors = ctx.saved_tensors
         topo = Topology.from_parts(ctx.sizes, topo_tensors)
         rw = rw if ctx.has_w else None
         k, tma = ctx.k, ctx.use_tma
