@@ -43,6 +43,7 @@ import torch
 
 from ..routing import RoutingPlan
 from .grouped_mm import GroupedProducts, grad_like
+from .grouped_streamed import chunk_rows, streamed_rows
 
 __all__ = ["GATE_UP_LAYOUTS", "ACTIVATION_NAMES", "grouped_ffn"]
 
@@ -411,6 +412,11 @@ def grouped_ffn(
     s2s, offsets = plan.sorted_to_slot, plan.expert_offsets
     if _eager_inference(x, weights, w1, w2, v1):  # the two op bodies in one go, sharing their set-up
         pro, token = GroupedProducts(offsets, s2s.shape[0], loops), _tokens(s2s, plan.top_k)
+        rows = chunk_rows(max(w1.shape[2], w2.shape[2]), x.element_size())
+        if loops and pro.bounds[-1] - pro.bounds[0] > rows:  # no [S, *] intermediates (.grouped_streamed)
+            w_sorted = _sorted_weights(weights, s2s, x.dtype)
+            return streamed_rows(x, w1, v1, w2, token, pro.bounds, w_sorted, plan.num_tokens, activation, layout,
+                                 rows)  # fmt: skip
         pre1, pre3 = _up_rows(x, w1, v1, token, pro, layout, padded)
         w_sorted = _sorted_weights(weights, s2s, pre1.dtype)
         return _down_rows(pre1, pre3, w_sorted, w2, token, plan.num_tokens, pro, activation, layout, padded)
