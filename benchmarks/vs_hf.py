@@ -8,13 +8,19 @@ that the machine's drift hits both alike; medians and the per-pair ratio
   ``MixtralSparseMoeBlock`` with ``experts_implementation="grouped_mm"``, against
   (a) ``dMoE`` on the same weights and (b) the same block with ``"blocksparse"``;
 * ``generate``: a small random Qwen3-MoE causal LM, prefill of a prompt and greedy
-  decode per token, ``"blocksparse"`` against ``"grouped_mm"``, tokens compared;
+  decode per token, ``"blocksparse"`` against ``"grouped_mm"``, tokens compared; the two
+  models read the same weight tensors (``load_state_dict(assign=True)``: no grad here),
+  so the 768 MB of expert weights they stream lie in the same memory for both;
+* ``generate-alone``: the same, each implementation in its own fresh process, alternating
+  (``--pairs`` rounds of 10 prefills and generates each): in one process the two share the C
+  allocator, and one's frees decide whether the other's next buffers are fresh pages;
 * ``memory``: the step's peak resident memory above the state before it, in a fresh
   process per implementation (``VmHWM`` reset just before the step; torch's CPU
   allocator is not visible to tracemalloc), gradients allocated by the step.
 
     python -m benchmarks.vs_hf layer [--shapes e8,e64] [--pairs 5]
     python -m benchmarks.vs_hf generate [--prompt 256] [--new 32] [--quiet 0.05]   # on a shared machine
+    python -m benchmarks.vs_hf generate-alone [--pairs 5]  # each impl alone in a fresh process, alternating
     python -m benchmarks.vs_hf memory                 # every impl x shape, subprocesses
     python -m benchmarks.vs_hf all --out benchmarks/results   # all three, one results file
 """
@@ -155,7 +161,7 @@ def _qwen3(impl: str, seed: int = 0):
 def run_generate(prompt: int, new: int, pairs: int, seed: int = 0, clock=_timed) -> dict:
     base = _qwen3("grouped_mm", seed)
     ours = _qwen3("blocksparse", seed)
-    ours.load_state_dict(base.state_dict())
+    ours.load_state_dict(base.state_dict(), assign=True)  # the same weight tensors: see the docstring
     models = {"grouped_mm": base, "blocksparse": ours}
     ids = torch.randint(0, 1024, (1, prompt), generator=torch.Generator().manual_seed(seed))
     kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
@@ -175,6 +181,55 @@ def run_generate(prompt: int, new: int, pairs: int, seed: int = 0, clock=_timed)
                decode_ratio=ratio(decode), same_tokens=tokens["grouped_mm"] == tokens["blocksparse"])  # fmt: skip
     print(f"generate: prefill {row['prefill_ms']} (x{row['prefill_ratio']:.2f}), decode/token "
           f"{row['decode_ms_per_token']} (x{row['decode_ratio']:.2f}), same tokens {row['same_tokens']}", flush=True)  # fmt: skip
+    return row
+
+
+def generate_child(impl: str, prompt: int, new: int, reps: int, seed: int = 0) -> None:
+    """One implementation alone in this process: median prefill and decode/token of ``reps`` rounds, as JSON."""
+    import json
+
+    model = _qwen3(impl, seed)
+    ids = torch.randint(0, 1024, (1, prompt), generator=torch.Generator().manual_seed(seed))
+    kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    prefill, total = [], []
+    with torch.no_grad():
+        tokens = model.generate(ids, **kw)[0, prompt:].tolist()  # warm-up
+        for _ in range(reps):
+            prefill.append(_timed(lambda: model(ids)))
+            total.append(_timed(lambda: model.generate(ids, **kw)))
+    decode = [(t - p) / (new - 1) for t, p in zip(total, prefill)]
+    print(json.dumps(dict(impl=impl, prefill_ms=statistics.median(prefill), decode_ms_per_token=statistics.median(decode),
+                          tokens=tokens)))  # fmt: skip
+
+
+def run_generate_alone(prompt: int, new: int, rounds: int, reps: int = 10) -> dict:
+    """Each implementation in its own fresh process, alternating, ``rounds`` times: what a user running one sees.
+
+    In one process the two implementations share the C allocator: one's frees decide whether
+    the other's next buffers are fresh pages (page faults) or reused ones, so an interleaved
+    ratio also measures that interplay. Here each process holds one model only.
+    """
+    import json
+
+    per = {"grouped_mm": [], "blocksparse": []}
+    tokens = {}
+    for _ in range(rounds):
+        for impl in per:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.vs_hf", "generate-child", impl, str(prompt), str(new),
+                                  str(reps)], capture_output=True, text=True, check=True, timeout=600)  # fmt: skip
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            per[impl].append(r)
+            tokens[impl] = r["tokens"]
+    pf = {k: [r["prefill_ms"] for r in v] for k, v in per.items()}
+    dc = {k: [r["decode_ms_per_token"] for r in v] for k, v in per.items()}
+    ratio = lambda d: statistics.median(a / b for a, b in zip(d["grouped_mm"], d["blocksparse"]))  # noqa: E731
+    row = dict(mode="alone", prompt=prompt, new_tokens=new, rounds=rounds, reps_per_process=reps,
+               threads=torch.get_num_threads(), prefill_ms=pf, decode_ms_per_token=dc, prefill_ratio=ratio(pf),
+               decode_ratio=ratio(dc), same_tokens=tokens["grouped_mm"] == tokens["blocksparse"])  # fmt: skip
+    print(f"generate (alone): prefill ratios {[round(a / b, 3) for a, b in zip(pf['grouped_mm'], pf['blocksparse'])]} "
+          f"(median x{row['prefill_ratio']:.2f}), decode ratios "
+          f"{[round(a / b, 3) for a, b in zip(dc['grouped_mm'], dc['blocksparse'])]} (median x{row['decode_ratio']:.2f}), "
+          f"same tokens {row['same_tokens']}", flush=True)  # fmt: skip
     return row
 
 
@@ -227,7 +282,8 @@ def run_memory(shapes) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.vs_hf", description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["layer", "generate", "memory", "all", "memory-child"])
+    p.add_argument("what", choices=["layer", "generate", "generate-alone", "memory", "all", "memory-child",
+                                    "generate-child"])  # fmt: skip
     p.add_argument("args", nargs="*")
     p.add_argument("--shapes", default="e8,e64")
     p.add_argument("--pairs", type=int, default=5)
@@ -241,12 +297,18 @@ def main(argv=None) -> int:
     if a.what == "memory-child":
         memory_child(*a.args)
         return 0
+    if a.what == "generate-child":
+        impl, prompt, new, reps = a.args
+        generate_child(impl, int(prompt), int(new), int(reps))
+        return 0
     shapes = a.shapes.split(",")
     res, clock = {}, _Clock(a.quiet)
     if a.what in ("layer", "all"):
         res["layer"] = run_layer(shapes, a.pairs, clock=clock)
     if a.what in ("generate", "all"):
         res["generate"] = run_generate(a.prompt, a.new, a.pairs, clock=clock)
+    if a.what in ("generate-alone", "all"):
+        res["generate_alone"] = run_generate_alone(a.prompt, a.new, a.pairs)
     res.update(clock.describe())
     print(clock.describe(), flush=True)
     if a.what in ("memory", "all"):
