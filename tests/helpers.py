@@ -96,11 +96,14 @@ PERSISTENT_CASES = {
 }
 
 
-def persistent_case(device, name: str, dtype, seed: int = 0):
-    """``(plan, topo, rnd, (E, width, ffn))`` of ``PERSISTENT_CASES[name]``; ``rnd(*shape)`` draws seeded normals."""
+def persistent_case(device, name: str, dtype, seed: int = 0, cases: dict | None = None):
+    """``(plan, topo, rnd, (E, width, ffn))`` of ``(cases or PERSISTENT_CASES)[name]``; ``rnd(*shape)`` draws seeded normals.
+
+    ``cases``: a test file's own table of the same ``(T, E, k, width, ffn, block, routing)`` form.
+    """
     from blocksparse_moe import build_topology, plan_routing
 
-    T, E, k, width, ffn, bs, mode = PERSISTENT_CASES[name]
+    T, E, k, width, ffn, bs, mode = (cases or PERSISTENT_CASES)[name]
     plan = plan_routing(make_expert_ids(T, E, k, mode, seed=seed).to(device), E)
     topo = build_topology(plan, ffn, bs)
     g = torch.Generator().manual_seed(seed)

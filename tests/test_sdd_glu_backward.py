@@ -48,11 +48,7 @@ RW_CASES = {**{n: None for n in PERSISTENT_CASES}, "k-equals-e": (11, 4, 4, 40, 
 def _case(device, name, dtype, seed):
     if RW_CASES.get(name) is None:
         return persistent_case(device, name, dtype, seed)
-    T, E, k, width, ffn, bs, mode = RW_CASES[name]
-    plan = plan_routing(make_expert_ids(T, E, k, mode, seed=seed).to(device), E)
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
-    return plan, build_topology(plan, ffn, bs), rnd, (E, width, ffn)
+    return persistent_case(device, name, dtype, seed, cases=RW_CASES)
 
 
 def _problem(device, name, dtype, seed=3, rw_dtype=None):

@@ -98,11 +98,7 @@ GATHER_CASES = {**{n: None for n in CASES}, "k-equals-e": (11, 4, 4, 40, 72, 16,
 def _gather_case(device, name, dtype, seed):
     if GATHER_CASES[name] is None:
         return _case(device, name, dtype, seed)
-    T, E, k, width, ffn, bs, mode = GATHER_CASES[name]
-    plan = plan_routing(make_expert_ids(T, E, k, mode, seed=seed).to(device), E)
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    return plan, build_topology(plan, ffn, bs), rnd, (E, width, ffn)
+    return persistent_case(device, name, dtype, seed, cases=GATHER_CASES)
 
 
 def _poisoned_tokens(x: torch.Tensor, plan, block: int):
