@@ -202,22 +202,28 @@ def generate_child(impl: str, prompt: int, new: int, reps: int, seed: int = 0) -
                           tokens=tokens)))  # fmt: skip
 
 
-def run_generate_alone(prompt: int, new: int, rounds: int, reps: int = 10) -> dict:
+def run_generate_alone(prompt: int, new: int, rounds: int, reps: int = 10, quiet: float | None = None) -> dict:
     """Each implementation in its own fresh process, alternating, ``rounds`` times: what a user running one sees.
 
     In one process the two implementations share the C allocator: one's frees decide whether
     the other's next buffers are fresh pages (page faults) or reused ones, so an interleaved
-    ratio also measures that interplay. Here each process holds one model only.
+    ratio also measures that interplay. Here each process holds one model only. ``quiet``: each child starts on an idle
+    machine and is run again if other processes used more than ``quiet`` cores meanwhile.
     """
     import json
 
     per = {"grouped_mm": [], "blocksparse": []}
-    tokens = {}
+    tokens, gate, loads = {}, QuietGate(max_other=quiet, children=True) if quiet is not None else None, []
     for _ in range(rounds):
         for impl in per:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.vs_hf", "generate-child", impl, str(prompt), str(new),
-                                  str(reps)], capture_output=True, text=True, check=True, timeout=600)  # fmt: skip
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            cmd = [sys.executable, "-m", "benchmarks.vs_hf", "generate-child", impl, str(prompt), str(new), str(reps)]
+            done = []
+            child = lambda: done.append(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600))  # noqa: E731
+            if gate is None:
+                child()
+            else:
+                loads.append(gate.timed(child)[1])
+            r = json.loads(done[-1].stdout.strip().splitlines()[-1])
             per[impl].append(r)
             tokens[impl] = r["tokens"]
     pf = {k: [r["prefill_ms"] for r in v] for k, v in per.items()}
@@ -225,7 +231,8 @@ def run_generate_alone(prompt: int, new: int, rounds: int, reps: int = 10) -> di
     ratio = lambda d: statistics.median(a / b for a, b in zip(d["grouped_mm"], d["blocksparse"]))  # noqa: E731
     row = dict(mode="alone", prompt=prompt, new_tokens=new, rounds=rounds, reps_per_process=reps,
                threads=torch.get_num_threads(), prefill_ms=pf, decode_ms_per_token=dc, prefill_ratio=ratio(pf),
-               decode_ratio=ratio(dc), same_tokens=tokens["grouped_mm"] == tokens["blocksparse"])  # fmt: skip
+               decode_ratio=ratio(dc), same_tokens=tokens["grouped_mm"] == tokens["blocksparse"],
+               other_load_per_child=loads or None, discarded_children=gate.discarded if gate else None)  # fmt: skip
     print(f"generate (alone): prefill ratios {[round(a / b, 3) for a, b in zip(pf['grouped_mm'], pf['blocksparse'])]} "
           f"(median x{row['prefill_ratio']:.2f}), decode ratios "
           f"{[round(a / b, 3) for a, b in zip(dc['grouped_mm'], dc['blocksparse'])]} (median x{row['decode_ratio']:.2f}), "
@@ -308,7 +315,7 @@ def main(argv=None) -> int:
     if a.what in ("generate", "all"):
         res["generate"] = run_generate(a.prompt, a.new, a.pairs, clock=clock)
     if a.what in ("generate-alone", "all"):
-        res["generate_alone"] = run_generate_alone(a.prompt, a.new, a.pairs)
+        res["generate_alone"] = run_generate_alone(a.prompt, a.new, a.pairs, quiet=a.quiet)
     res.update(clock.describe())
     print(clock.describe(), flush=True)
     if a.what in ("memory", "all"):
