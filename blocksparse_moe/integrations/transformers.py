@@ -51,6 +51,14 @@ from typing import Callable
 
 import torch
 
+from ..kernels.checks import FLOAT_DTYPES
+from ..ops import BACKENDS
+from ..topology import SUPPORTED_BLOCK_SIZES
+from ._ffn import dropless_ffn
+from ._hub_kernels import unshadow_hub_kernels
+
+unshadow_hub_kernels()  # before transformers imports the Hub's `kernels` (see ._hub_kernels)
+
 try:
     from transformers.integrations import moe as _hf_moe
 except ImportError as _err:  # pragma: no cover - exercised only without transformers
@@ -59,10 +67,6 @@ except ImportError as _err:  # pragma: no cover - exercised only without transfo
         "(pip install 'blocksparse-moe[hf]')"
     ) from _err
 
-from ..kernels.checks import FLOAT_DTYPES
-from ..ops import BACKENDS
-from ..topology import SUPPORTED_BLOCK_SIZES
-from ._ffn import dropless_ffn
 
 __all__ = [
     "BlocksparseExperts",
