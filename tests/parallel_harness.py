@@ -78,7 +78,8 @@ def _hf_preload() -> list:
     if importlib.util.find_spec("transformers") is None:
         return []
     models = [f"transformers.models.{m}.modeling_{m}" for m in ("mixtral", "qwen3_moe", "deepseek_v3")]
-    return ["transformers", *models, "blocksparse_moe.integrations.transformers"]
+    # the integration first: it keeps our kernels/ folder from standing in for the Hub's kernels package
+    return ["blocksparse_moe.integrations.transformers", "transformers", *models]
 
 
 def _context():

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import sys
-sys.path.append(sys.argv[1])
+sys.path.insert(1, sys.argv[1])  # after the root (''), before site-packages: ahead of an installed one
 from blocksparse_moe.integrations._hub_kernels import unshadow_hub_kernels
 unshadow_hub_kernels()
 import kernels
@@ -36,5 +36,12 @@ def test_the_installed_distribution_wins_over_our_folder(tmp_path):
     assert _probe(tmp_path) == "hub"
 
 
-def test_without_a_distribution_nothing_changes(tmp_path):
-    assert _probe(tmp_path) == "ours"  # an empty extra path: the name still finds our folder, left as it is
+def test_our_folder_loaded_under_the_name_is_replaced(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("HUB_STAND_IN = 'hub'\n")
+    probe = PROBE.replace("unshadow_hub_kernels()", "import kernels as early; assert not hasattr(early, 'HUB_STAND_IN')"
+                          "\nunshadow_hub_kernels()")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "hub"

@@ -30,12 +30,22 @@ def _our_kernels_dir() -> str | None:
 
 
 def unshadow_hub_kernels() -> None:
-    """Put the installed ``kernels`` distribution in ``sys.modules`` if ``import kernels`` would find our folder."""
-    if "kernels" in sys.modules:
-        return
-    spec = importlib.util.find_spec("kernels")
+    """Put the installed ``kernels`` distribution in ``sys.modules`` if ``import kernels`` would find our folder.
+
+    Also when our folder was imported under that name already (an earlier ``import
+    transformers...`` that then failed, as a process's preload does): it is dropped first.
+    """
     ours = _our_kernels_dir()
-    if spec is None or spec.origin is None or ours is None:
+    if ours is None:
+        return
+    loaded = sys.modules.get("kernels")
+    if loaded is not None:
+        origin = getattr(loaded, "__file__", None)
+        if origin is None or os.path.dirname(os.path.realpath(origin)) != ours:
+            return  # the real one (or something else) is loaded: leave it
+        del sys.modules["kernels"]  # our folder under the Hub's name
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None:
         return
     if os.path.dirname(os.path.realpath(spec.origin)) != ours:
         return  # the name already resolves elsewhere: nothing is shadowed
