@@ -52,6 +52,26 @@ def _schedule_kernel(
     tl.store(schedule_ptr + t, (r << COL_BITS) | c, mask=valid)
 
 
+@triton.jit
+def load_expert_tile(desc, ptr, off, e, k0, col0, k_mask, col_mask, stride_k, TMA: tl.constexpr,
+                     K_MAJOR: tl.constexpr, BLOCK_K: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """The ``[BLOCK_K, BN]`` tile at rows ``k0..``, columns ``col0..`` of expert ``e``'s ``[K, N]`` weight.
+
+    By TMA from a 3-D ``[E, K, N]`` descriptor (``[E, N, K]`` for a K-contiguous view,
+    ``K_MAJOR``: loaded ``[BN, BLOCK_K]`` and transposed), the box zero-filling past K and
+    N; or by masked pointer loads at ``ptr + off`` (``off``: the tile's int64 offsets at
+    ``k0 = 0``). The persistent SDDs' K loops load every weight operand through this one.
+    """
+    if TMA:
+        if K_MAJOR:
+            t = tl.trans(desc.load([e, col0, k0]).reshape(BN, BLOCK_K))
+        else:
+            t = desc.load([e, k0, col0]).reshape(BLOCK_K, BN)
+    else:
+        t = tl.load(ptr + off + k0 * stride_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    return t
+
+
 def schedule_tiles(topo, nt: int, what: str) -> torch.Tensor:
     """``[R * nt]`` int32 tiles ``r << COL_BITS | c`` over ``nt`` column tiles, active block rows first (SDD and DSD)."""
     R, F = topo.max_block_rows, topo.ffn_blocks

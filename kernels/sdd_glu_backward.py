@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .checks import check_block_args, check_block_data, check_same, check_tensor
 from .config import dot_precision, interpreting, needs_upcast
-from .persistent_common import _default_programs, check_config_keys, resolve_tma, tma_problem
+from .persistent_common import _default_programs, check_config_keys, load_expert_tile, resolve_tma, tma_problem
 from .sdd_persistent import _b_layout, default_config, tile_schedule
 
 
@@ -102,6 +102,8 @@ def _sdd_glu_bwd_kernel(
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, K, N], strides=[stride_be, stride_bk, 1],
                                                block_shape=[1, BLOCK_K, BN])  # fmt: skip
+    else:  # unused: load_expert_tile takes both forms
+        b_desc = b_ptr
     CW: tl.constexpr = BN // EPI_SPLIT  # the epilogue's chunk: EPI_SPLIT column slices of the tile, one at a time
     if EPI_TMA:
         # The epilogue's block tensors by TMA: with pointers every thread holds a 64-bit address
@@ -148,13 +150,8 @@ def _sdd_glu_bwd_kernel(
                 a = a_desc.load([row0, k0])
             else:
                 a = tl.load(a_ptrs + k0 * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if B_TMA:
-                if B_K_MAJOR:
-                    b = tl.trans(b_desc.load([e, col0, k0]).reshape(BN, BLOCK_K))
-                else:
-                    b = b_desc.load([e, k0, col0]).reshape(BLOCK_K, BN)
-            else:
-                b = tl.load(b_ptr + b_off + k0 * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            b = load_expert_tile(b_desc, b_ptr, b_off, e, k0, col0, k_mask, col_mask, stride_bk, B_TMA, B_K_MAJOR,
+                                 BLOCK_K, BN)  # fmt: skip
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)

@@ -58,6 +58,7 @@ from .persistent_common import (  # noqa: F401
     _ensure_allocator,
     _schedule_kernel,
     _sm_count,
+    load_expert_tile,
     check_config_keys,
     resolve_tma,
     schedule_tiles,
@@ -139,6 +140,8 @@ def _sdd_persistent_kernel(
                                                block_shape=[1, BLOCK_K, BN])  # fmt: skip
             v_desc = tl.make_tensor_descriptor(v_ptr, shape=[E, K, N], strides=[stride_ve, stride_vk, 1],
                                                block_shape=[1, BLOCK_K, BN])  # fmt: skip
+    else:  # unused: load_expert_tile takes both forms
+        b_desc, v_desc = b_ptr, v_ptr
     # No warp_specialize: triton 3.9 compiled this loop with it to the same sm_90 SASS as without
     # (tests/sm90_persistent_worker.py, docs/perf-notes.md), and older Tritons lack the argument.
     for t in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
@@ -174,25 +177,15 @@ def _sdd_persistent_kernel(
                 a = a_desc.load([row0, k0])
             else:
                 a = tl.load(a_ptrs + k0 * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if B_TMA:
-                if B_K_MAJOR:
-                    b = tl.trans(b_desc.load([e, col0, k0]).reshape(BN, BLOCK_K))
-                else:
-                    b = b_desc.load([e, k0, col0]).reshape(BLOCK_K, BN)
-            else:
-                b = tl.load(b_ptr + b_off + k0 * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            b = load_expert_tile(b_desc, b_ptr, b_off, e, k0, col0, k_mask, col_mask, stride_bk, B_TMA, B_K_MAJOR,
+                                 BLOCK_K, BN)  # fmt: skip
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             if GLU:
-                if B_TMA:
-                    if B_K_MAJOR:
-                        v = tl.trans(v_desc.load([e, col0, k0]).reshape(BN, BLOCK_K))
-                    else:
-                        v = v_desc.load([e, k0, col0]).reshape(BLOCK_K, BN)
-                else:
-                    v = tl.load(v_ptr + v_off + k0 * stride_vk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                v = load_expert_tile(v_desc, v_ptr, v_off, e, k0, col0, k_mask, col_mask, stride_vk, B_TMA,
+                                     B_K_MAJOR, BLOCK_K, BN)  # fmt: skip
                 if UPCAST:
                     v = v.to(tl.float32)
                 acc_v = tl.dot(a, v, acc_v, input_precision=PRECISION)
