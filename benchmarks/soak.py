@@ -5,8 +5,8 @@
 Each case is drawn by hypothesis (the seed is recorded; a failure is shrunk by
 hypothesis to a minimal case and printed with its ``@reproduce_failure`` blob, to be
 added to the regular suite): a backend available here (``grouped`` with both product
-strategies, ``torch``; ``triton`` under the interpreter for a small share, it is
-slow), a dtype (fp32 and fp16 everywhere, bf16 on the backends that compute it
+strategies, ``torch``; ``triton`` and ``persistent`` (SwiGLU cases only) under the
+interpreter for a small share each, they are slow), a dtype (fp32 and fp16 everywhere, bf16 on the backends that compute it
 natively: grouped and torch), block size, sizes off the block grid, empty experts,
 ``k = E``, ``T = 0`` and ``1``, all tokens on one expert, a prime ``E``, MLP or GLU,
 weights as given, transposed views, or one fused gate/up tensor (concatenated or
@@ -52,13 +52,13 @@ PRIMES_AND_MORE = [1, 2, 3, 4, 5, 7, 8, 11, 13, 16]
 
 @st.composite
 def cases(draw):
-    backend = draw(st.sampled_from(["grouped"] * 12 + ["grouped_mm"] * 6 + ["torch"] * 6 + ["triton"]))  # triton: slow
+    backend = draw(st.sampled_from(["grouped"] * 12 + ["grouped_mm"] * 6 + ["torch"] * 6 + ["triton", "persistent"]))
     layer = draw(st.sampled_from(["moe_ffn"] * 3 + ["dmoe"]))
     # A dMoE in half precision rounds its router's logits in that precision (the router
     # is the model's, not the FFN's): its router gradient is not an FFN accuracy question.
     dtypes = ["float32"] if layer == "dmoe" else ["float32", "float16"] + (["bfloat16"] if backend in NATIVE_BF16 else [])
     E = draw(st.sampled_from(PRIMES_AND_MORE))
-    return dict(
+    c = dict(
         backend=backend, dtype=draw(st.sampled_from(dtypes)), E=E, k=draw(st.integers(1, min(E, 4))),
         T=draw(st.sampled_from([0, 1]) | st.integers(2, 48)), H=draw(st.sampled_from([8, 16, 24, 32, 40])),
         F=draw(st.sampled_from([4, 8, 12, 16, 20, 36, 48]) | st.integers(1, 50)),
@@ -67,6 +67,9 @@ def cases(draw):
         weights=draw(st.sampled_from(["plain", "transposed", "concat", "interleave"])),
         layer=layer, seed=draw(st.integers(0, 2**16)),
     )  # fmt: skip
+    if backend == "persistent":  # the SwiGLU layer only; its refusals of anything else are tested
+        c.update(glu=True, activation="silu")
+    return c
 
 
 def _ids(T, E, k, mode, g):

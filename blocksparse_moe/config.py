@@ -14,8 +14,9 @@ from typing import Callable, Union
 
 import torch
 
+from .backends.select import persistent_unsupported
 from .ops import BACKENDS
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, activation_name
 from .topology import SUPPORTED_BLOCK_SIZES
 
 __all__ = ["MoEConfig", "ROUTER_SCORES", "ROUTING_MODES"]
@@ -101,9 +102,10 @@ class MoEConfig:
             (at most ``T``). Token-choice dMoE ignores it.
 
     Placement:
-        backend: ``"auto"`` (grouped GEMMs on a CPU; on CUDA Triton, or grouped for
-            bf16 on sm_90+, by measured shape: ``backends/select.py``), ``"grouped"``,
-            ``"triton"`` or ``"torch"`` (the block reference); dMoE only (MoE is pure torch).
+        backend: ``"auto"`` (grouped GEMMs on a CPU; on CUDA the backend measured fastest
+            at the nearest measured shape: ``backends/select.py``), ``"grouped"``,
+            ``"triton"``, ``"persistent"`` (SwiGLU: ``glu`` with ``"silu"``) or ``"torch"``
+            (the block reference); dMoE only (MoE is pure torch).
         dtype: parameter dtype (float32, float16 or bfloat16).
         device: parameter device; ``None`` is the CPU.
         init_std: standard deviation of the normal initialisation of every weight.
@@ -187,6 +189,10 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.capacity_factor must be a finite number > 0, got {self.capacity_factor!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"MoEConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "persistent":
+            why = persistent_unsupported(self.glu, activation_name(self.activation))
+            if why is not None:
+                raise ValueError(f"MoEConfig.backend='persistent' needs glu=True and activation='silu': {why}")
         if self.dtype not in _LAYER_DTYPES:
             raise TypeError(f"MoEConfig.dtype must be one of {_LAYER_DTYPES}, got {self.dtype!r}")
         if self.device is not None:

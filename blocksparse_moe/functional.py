@@ -23,6 +23,8 @@ from .backends.block import block_ffn
 from .backends.grouped import grouped_ffn
 from .backends.grouped_composed import grouped_ffn_composed
 from .backends.grouped_one_token import one_token_or_none
+from .backends.persistent_ffn import persistent_ffn
+from .backends.select import persistent_unsupported
 from .reference import activation_name, get_activation
 from .routing import RoutingPlan, plan_routing
 from .topology import SUPPORTED_BLOCK_SIZES, Topology
@@ -105,16 +107,23 @@ def routed_ffn(
       other backends). It always recomputes the activation in backward.
     * ``triton`` / ``torch``: the block-sparse layout (:mod:`~blocksparse_moe.backends.block`),
       with ``block_size`` and ``recompute`` (keep only the pre-activations).
+    * ``persistent``: SwiGLU (``v1``, ``activation="silu"``) without padding on the persistent
+      kernels (:mod:`~blocksparse_moe.backends.persistent_ffn`), at ``block_size``; it always
+      keeps only the pre-activations (``recompute`` changes nothing).
 
     ``padded``: rows past ``plan.expert_offsets[-1]`` belong to no expert (the
     expert-parallel capacity mode) and contribute zero.
     """
-    backend = ops.resolve_backend(backend, x.device, x.dtype, plan.num_experts, w1.shape[2])
+    name = activation_name(activation)
+    backend = ops.resolve_backend(backend, x.device, x.dtype, plan.num_experts, w1.shape[2], hidden=x.shape[1],
+                                  top_k=plan.top_k, glu=v1 is not None,
+                                  persistent_ok=persistent_unsupported(v1 is not None, name, padded) is None)  # fmt: skip
+    if backend == "persistent":
+        return persistent_ffn(x, plan, weights, w1, w2, v1, name, block_size=block_size, padded=padded)
     if backend != "grouped":
         act = get_activation(activation)
         return block_ffn(x, plan, weights, w1, w2, v1, act, backend=backend, block_size=block_size,
                          recompute=recompute, padded=padded)  # fmt: skip
-    name = activation_name(activation)
     if name is None:  # a callable of the user's: differentiable products, the activation in torch
         act = get_activation(activation)
         return grouped_ffn_composed(x, plan, weights, w1, w2, v1, activation=act, padded=padded)
@@ -161,14 +170,18 @@ def moe_ffn(
 
     Differentiable in ``x``, ``weights``, ``w1``, ``w2`` and ``v1``. ``backend``:
     ``"auto"`` (grouped GEMMs on CPU, Triton or grouped on CUDA by measured shape),
-    ``"grouped"``, ``"triton"`` or ``"torch"`` (see :mod:`blocksparse_moe.backends.select`).
+    ``"grouped"``, ``"triton"``, ``"persistent"`` (SwiGLU only) or ``"torch"``
+    (see :mod:`blocksparse_moe.backends.select`).
     No host sync on CUDA with the Triton backend (the torch backend reads counts back;
     see :mod:`blocksparse_moe.reference`).
     """
     check_ffn_args(x, expert_ids, weights, w1, w2, v1, block_size)
     # once, before any work: a bad name is refused here, and the result is what routed_ffn would pick
-    backend = ops.resolve_backend(backend, x.device, x.dtype, w1.shape[0], w1.shape[2])
     get_activation(activation)
+    name = activation_name(activation)
+    backend = ops.resolve_backend(backend, x.device, x.dtype, w1.shape[0], w1.shape[2], hidden=x.shape[1],
+                                  top_k=expert_ids.shape[1], glu=v1 is not None,
+                                  persistent_ok=persistent_unsupported(v1 is not None, name) is None)  # fmt: skip
     if backend == "grouped":
         y = one_token_or_none(x, expert_ids, weights, w1, w2, v1, activation)  # a decode step on a CPU
         if y is not None:

@@ -51,7 +51,7 @@ def call(device=None, **over):
         (dict(expert_ids=torch.zeros(T + 1, KK, dtype=torch.long)), ValueError, r"expert_ids must be \[tokens=6, top_k\]"),
         (dict(block_size=48), ValueError, r"block_size must be one of \(16, 32, 64, 128\), got 48"),
         (dict(block_size=256), ValueError, r"got 256"),
-        (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'grouped', 'triton', 'torch'\), got 'cuda'"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'grouped', 'triton', 'persistent', 'torch'\), got 'cuda'"),
         (dict(activation="swish"), ValueError, r"activation must be one of .* got 'swish'"),
     ],
 )

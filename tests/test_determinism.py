@@ -4,8 +4,9 @@ For the same inputs and seed, ``moe_ffn`` and ``dMoE`` give bitwise identical fo
 outputs, losses and gradients of every input and parameter, across two runs in one
 process and across two processes (different hash seeds), by default and under
 ``torch.use_deterministic_algorithms(True)`` (the flag is restored afterwards).
-The backends are ``blocksparse_moe.ops.BACKENDS`` minus ``"auto"``; ``"triton"`` runs
-under the interpreter on the CPU. A backend that cannot run here is skipped.
+The backends are ``blocksparse_moe.ops.BACKENDS`` minus ``"auto"``; ``"triton"`` and
+``"persistent"`` run under the interpreter on the CPU (``"persistent"`` in the SwiGLU cases
+only: it computes nothing else). A backend that cannot run here is skipped.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def test_moe_ffn_same_bits(device, backend, glu, deterministic):
         pytest.skip(f"backend {backend!r} does not run on {device}")
     if backend == "triton" and not glu and device.type == "cpu":
         pytest.skip("under the interpreter the GLU case is enough (it runs every kernel the MLP case runs)")
+    if backend == "persistent" and not glu:
+        pytest.skip("the persistent backend is SwiGLU only (its refusal is tested in test_persistent_ffn.py)")
     first = ffn_run(backend, device, glu=glu)
     second = ffn_run(backend, device, glu=glu)
     assert_bitwise(first, second, f"moe_ffn backend={backend} deterministic={deterministic}")
@@ -133,6 +136,8 @@ def test_dmoe_same_bits(device, backend, options, deterministic):
         pytest.skip(f"backend {backend!r} does not run on {device}")
     if backend == "triton" and options != "glu-recompute" and device.type == "cpu":
         pytest.skip("under the interpreter one Triton layer case is enough (it runs every kernel)")
+    if backend == "persistent" and options != "glu-recompute":
+        pytest.skip("the persistent backend is SwiGLU only")
     first = layer_run(backend, device, **LAYER_OPTIONS[options])
     second = layer_run(backend, device, **LAYER_OPTIONS[options])
     assert_bitwise(first, second, f"dMoE backend={backend} {options} deterministic={deterministic}")
@@ -149,11 +154,11 @@ def test_runs_differ_with_the_seed(device):
 
 # --------------------------------------------------------------------------- across processes
 def digest() -> dict[str, str]:
-    """Hashes of the bits of one moe_ffn and one dMoE run on every CPU backend but the interpreted Triton
-    (its numbers come from numpy and are covered in process above), one per tensor."""
+    """Hashes of the bits of one moe_ffn and one dMoE run on every CPU backend but the interpreted Triton ones
+    (their numbers come from numpy and are covered in process above), one per tensor."""
     out = {}
     for backend in BACKENDS:
-        if backend == "triton" or not _runs_here(backend, torch.device("cpu")):
+        if backend in ("triton", "persistent") or not _runs_here(backend, torch.device("cpu")):
             continue
         for kind, res in (("moe_ffn", ffn_run(backend, "cpu", glu=True)),
                           ("dMoE", layer_run(backend, "cpu", glu=True, activation="silu"))):  # fmt: skip

@@ -34,7 +34,7 @@ BAD_CONFIGS = [
     ("load_balancing_loss_weight", -0.01, ValueError, ">= 0, got -0.01"),
     ("z_loss_weight", float("inf"), ValueError, ">= 0, got inf"),
     ("capacity_factor", 0.0, ValueError, "> 0, got 0.0"),
-    ("backend", "cuda", ValueError, "one of ('auto', 'grouped', 'triton', 'torch'), got 'cuda'"),
+    ("backend", "cuda", ValueError, "one of ('auto', 'grouped', 'triton', 'persistent', 'torch'), got 'cuda'"),
     ("dtype", torch.float64, TypeError, "got torch.float64"),
     ("dtype", torch.int32, TypeError, "got torch.int32"),
     ("device", "gpu7", ValueError, "torch device, got 'gpu7'"),

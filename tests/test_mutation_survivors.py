@@ -381,8 +381,10 @@ def test_resolve_block_backend():
     assert resolve_block_backend("auto", torch.device("cuda")) == "triton"  # a device object only; nothing runs there
     with pytest.raises(ValueError, match=r"^backend='grouped' has no block-sparse intermediate: the block ops \(sdd, dsd, "
                        r"dsd_t, gather, combine\) take one of \('auto', 'triton', 'torch'\); use moe_ffn / routed_ffn "
-                       r"for the grouped FFN$"):
+                       r"for that backend's FFN$"):
         resolve_block_backend("grouped", cpu)
+    with pytest.raises(ValueError, match=r"^backend='persistent' has no block-sparse intermediate"):
+        resolve_block_backend("persistent", cpu)
 
 
 def test_router_scale_and_expert_choice_message():

@@ -225,3 +225,37 @@ def test_argument_errors(device):
     other = build_topology(plan_routing(make_expert_ids(3, E, k, mode).to(device), E), ffn, bs)
     with pytest.raises(ValueError, match=r"topo was built for 4 experts and 6 slots, the plan has 4 and 2"):
         call(topo=other)
+
+
+def test_as_a_backend(device):
+    """``backend="persistent"`` through ``moe_ffn`` and the dMoE layer: the oracle's values, and refusals that say why."""
+    from blocksparse_moe import MoEConfig, dMoE, moe_ffn
+
+    T, E, k, H, ffn, bs, mode = CASES["prime-experts"]
+    ids = make_expert_ids(T, E, k, mode, seed=5).to(device)
+    leaves, _ = _leaves(T, E, k, H, ffn, 5)
+    a = {n: v.to(device) for n, v in leaves.items()}
+    y = moe_ffn(a["x"], ids, a["weights"], a["w1"], a["w2"], a["v1"], activation="silu", block_size=bs,
+                backend="persistent")  # fmt: skip
+    y_ref = moe_ffn_dense(*(t.double().cpu() for t in (a["x"], ids, a["weights"], a["w1"], a["w2"], a["v1"])),
+                          activation="silu")  # fmt: skip
+    assert_close(y, y_ref, **TOLERANCES[torch.float32], name="moe_ffn(backend='persistent')")
+    with pytest.raises(ValueError, match=r"backend='persistent' cannot compute this FFN: it computes a GLU only"):
+        moe_ffn(a["x"], ids, a["weights"], a["w1"], a["w2"], activation="silu", backend="persistent")
+    with pytest.raises(ValueError, match=r"activation must be 'silu', got 'gelu'"):
+        moe_ffn(a["x"], ids, a["weights"], a["w1"], a["w2"], a["v1"], activation="gelu", backend="persistent")
+    with pytest.raises(ValueError, match=r"MoEConfig.backend='persistent' needs glu=True and activation='silu'"):
+        MoEConfig(hidden_size=H, ffn_hidden_size=ffn, num_experts=E, top_k=k, glu=True, backend="persistent")
+
+    cfg = dict(hidden_size=H, ffn_hidden_size=ffn, num_experts=E, top_k=k, glu=True, activation="silu",
+               block_size=bs, device=device)  # fmt: skip
+    torch.manual_seed(0)
+    ours = dMoE(MoEConfig(**cfg, backend="persistent"))
+    ref = dMoE(MoEConfig(**cfg, backend="torch"))
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, H, device=device)
+    for layer in (ours, ref):
+        layer(x).square().sum().backward()
+    assert_close(ours(x), ref(x).detach(), **TOLERANCES[torch.float32], name="dMoE persistent vs torch")
+    for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, **TOLERANCES[torch.float32], name=f"dMoE grad {n}")

@@ -27,8 +27,12 @@ backward:
 Nothing reads a value back to the host: the plan and topology are device tensors and
 every size used here comes from host-side shapes (tests check it). Plans with padding
 rows (``padded=`` of ``block_ffn``) are not supported: every sorted row must belong to
-an expert. Not picked by any backend yet: ``benchmarks/persistent_layer.py`` times it
-against the ``triton`` and ``grouped`` backends first.
+an expert.
+
+As a backend (``routed_ffn(..., backend="persistent")``, :func:`persistent_ffn`): a SwiGLU
+FFN without padding; ``backend="auto"`` picks it where ``measured_layers.json`` has it
+fastest (``backends/select.py``), which no GPU run has shown yet:
+``benchmarks/persistent_layer.py`` times it against ``triton`` and ``grouped``.
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ import torch
 from .. import kernels as K
 from ..kernels.checks import check_tensor
 from ..routing import RoutingPlan
-from ..topology import Topology
+from ..topology import Topology, build_topology
+from .select import persistent_unsupported
 
-__all__ = ["persistent_glu_ffn"]
+__all__ = ["persistent_ffn", "persistent_glu_ffn"]
 
 # The launchers' modules, for their default configs (the tile schedules depend on them).
 _SDD = importlib.import_module("blocksparse_moe.kernels.sdd_persistent")
@@ -109,6 +114,21 @@ def persistent_glu_ffn(
     """
     _check(x, w1, v1, w2, plan, topo, weights)
     return _PersistentGLU.apply(x, w1, v1, w2, weights, plan, topo, use_tma)
+
+
+def persistent_ffn(x, plan: RoutingPlan, weights, w1, w2, v1, activation: str | None, *, block_size: int = 64,
+                   padded: bool = False) -> torch.Tensor:  # fmt: skip
+    """``routed_ffn``'s ``persistent`` sibling: the plan's topology at ``block_size``, then :func:`persistent_glu_ffn`.
+
+    ``activation`` is the activation's name (``reference.activation_name``; None for a
+    callable). A call this backend cannot compute is refused with the reason
+    (:func:`~blocksparse_moe.backends.select.persistent_unsupported`).
+    """
+    why = persistent_unsupported(v1 is not None, activation, padded)
+    if why is not None:
+        raise ValueError(f"backend='persistent' cannot compute this FFN: {why}")
+    topo = build_topology(plan, w1.shape[2], block_size)
+    return persistent_glu_ffn(x, w1, v1, w2, plan, topo, weights)
 
 
 def _row_weights(weights: torch.Tensor | None, sorted_to_slot: torch.Tensor) -> torch.Tensor | None:
