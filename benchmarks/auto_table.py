@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=MEASURED_PATH)
     args = ap.parse_args(argv)
     files = args.files or sorted(Path(RESULTS_DIR).glob("*.json"))
+    for f in [f for f in files if not f.is_file()]:
+        print(f"auto_table: no file {f} (a device step that did not run?); the others are used", file=sys.stderr)
+    files = [f for f in files if f.is_file()]
     rows = [r for f in files for r in timings_from(f)]
     table = build_table(rows)
     doc = dict(schema=SCHEMA, generated_by="python -m benchmarks.auto_table",

@@ -28,6 +28,11 @@
 #    Step 3 leaves tests/test_dsd_t_persistent.py out (run it with BSMOE_TEST_DEVICE=cuda
 #    when the device time allows).
 #
+# 4b. python -m benchmarks.auto_table: the committed results plus this run's layer file ->
+#    $OUT/results/measured_layers.json, what backend="auto" would follow (a second; to adopt it,
+#    commit the layer file under benchmarks/results/ with the device in its name and rerun
+#    python -m benchmarks.auto_table: tests/test_backend_select.py checks the table is current).
+#
 # The layer step comes before the kernel sweep: the layer time is the headline target.
 # BSMOE_AUTOTUNE=0 skips sdd's autotuning (faster, but then sdd runs one default config).
 # Dry run on any CPU machine: python -m benchmarks.persistent --dry-run; python -m benchmarks.persistent_layer --smoke
@@ -68,6 +73,10 @@ echo "=== layer ($(date -u +%T))"
 timeout $((LAYER_BUDGET_S + 35)) python3 -m benchmarks.persistent_layer --budget-s "$LAYER_BUDGET_S" \
   --out "$OUT/results" 2>&1 | tee "$OUT/bench-persistent-layer.log" | tail -30
 echo "layer exit ${PIPESTATUS[0]}"
+
+echo "=== auto table ($(date -u +%T))"  # what backend="auto" would pick with this run's layer times added
+python3 -m benchmarks.auto_table benchmarks/results/*.json "$OUT/results/persistent-layer.json" \
+  --out "$OUT/results/measured_layers.json" 2>&1 | tail -8
 
 echo "=== bench ($(date -u +%T))"
 timeout $((BUDGET_S + 45)) python3 -m benchmarks.persistent --sweep --kernels sdd,gather,dsd,dsd_t,glu_bwd \
