@@ -18,7 +18,9 @@ The cases are the launches a bf16 Hopper run makes at BLOCK=128 (the default con
 gather's ``gather=`` launches among them: A by pointers through the index, B by TMA), the
 schedule kernel, and the flattened persistent loop (``FLATTEN``); for the DSD, the default config
 (``dsd_persistent.default_config``) with TMA (N- and K-major ``w2``, with routing weights, with a K
-tail) and pointers; for the DSD^T, the default config (``dsd_t_persistent.default_config``) with TMA
+tail) and pointers, and its dual form (``also=``: two K loops into one accumulator, the backward's
+``dx_sorted``) with TMA (both weights K-major, mixed orientations, routing weights, a K tail,
+flattened) and pointers; for the DSD^T, the default config (``dsd_t_persistent.default_config``) with TMA
 (``[E, ffn, N]`` and transposed ``[E, N, ffn]`` targets, flattened) and pointers, and its schedule kernel.
 With ``all``, every config of ``persistent_configs(128, use_tma=...)`` (and ``dsd_persistent_configs``,
 ``dsd_t_persistent_configs``) in both load modes as well (about 60 SDD, 120 DSD and 110 DSD^T kernels).
@@ -41,7 +43,7 @@ import time
 
 SM90 = ("cuda", 90, 32)
 DATA_PTRS = ("a_ptr", "b_ptr", "v_ptr", "out_ptr", "gate_ptr", "up_ptr", "data_ptr", "g_ptr", "u_ptr", "dg_ptr",
-             "du_ptr", "h_ptr")
+             "du_ptr", "h_ptr", "data2_ptr", "b2_ptr")
 ALIGNED_INTS = ("K", "N")
 SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "STG.E.128", "LDL", "STL", "USETMAXREG")
 BLOCK = 128
@@ -70,10 +72,11 @@ def _dsd_cases(compile_all: bool) -> list[dict]:
     D = _dsd_module()
     cases = []
 
-    def add(name, tma, k_major=False, row_weights=False, k_tail=False, cfg=None):
+    def add(name, tma, k_major=False, row_weights=False, k_tail=False, cfg=None, dual=None):
+        # dual: the second pair's (TMA?, K-major?) of the also= form (None: one product).
         cfg = dict(cfg or D.default_config(BLOCK, 2))
         cases.append(dict(name=name, kernel="dsd", dtype="bf16", use_tma=tma, k_major=k_major,
-                          row_weights=row_weights, k_tail=k_tail, config=cfg))  # fmt: skip
+                          row_weights=row_weights, k_tail=k_tail, config=cfg, dual=dual))  # fmt: skip
 
     add("dsd tma", True)
     add("dsd tma k-major w2 (down_proj^T)", True, k_major=True)
@@ -82,6 +85,15 @@ def _dsd_cases(compile_all: bool) -> list[dict]:
     add("dsd tma flatten", True, cfg=dict(D.default_config(BLOCK, 2), FLATTEN=True))
     add("dsd pointers", False)
     add("dsd pointers row_weights", False, row_weights=True)
+    # The dual form (also=): the backward's dx_sorted = dg @ w1^T + du @ v1^T, both weights the K-major
+    # views of [E, H, ffn] parameters; one N-major and one K-major weight; a K tail; pointers.
+    add("dsd dual tma k-major (dx: dg@w1^T + du@v1^T)", True, k_major=True, dual=(True, True))
+    add("dsd dual tma n-major + k-major", True, dual=(True, True))
+    add("dsd dual tma row_weights", True, k_major=True, row_weights=True, dual=(True, True))
+    add("dsd dual tma k-tail (ffn % 128 != 0)", True, k_major=True, k_tail=True, dual=(True, True))
+    add("dsd dual tma flatten", True, k_major=True, cfg=dict(D.default_config(BLOCK, 2), FLATTEN=True),
+        dual=(True, True))  # fmt: skip
+    add("dsd dual pointers", False, dual=(False, False))
     if compile_all:
         for tma in (True, False):
             for cfg in D.dsd_persistent_configs(BLOCK, 2, use_tma=tma):
@@ -92,15 +104,18 @@ def _dsd_cases(compile_all: bool) -> list[dict]:
 def _dsd_source(case: dict):
     fn = _dsd_module()._dsd_persistent_kernel
     cfg = case["config"]
+    dual = case.get("dual")
+    tma2, k_major2 = dual or (False, False)
     unit = (
         {"stride_on"}
         | ({"stride_bk"} if case["k_major"] else {"stride_bn"})
         | ({"stride_w"} if case["row_weights"] else set())
+        | (({"stride_ck"} if k_major2 else {"stride_cn"}) if dual else set())
     )
     constexprs = dict(
         BLOCK=BLOCK, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], COL_BITS=7, USE_TMA=case["use_tma"],
-        B_K_MAJOR=case["k_major"], K_TAIL=case["k_tail"], ROW_WEIGHTS=case["row_weights"], UPCAST=False, PRECISION="tf32",
-        FLATTEN=cfg.get("FLATTEN", False),
+        B_K_MAJOR=case["k_major"], DUAL=dual is not None, TMA2=tma2, B2_K_MAJOR=k_major2, K_TAIL=case["k_tail"],
+        ROW_WEIGHTS=case["row_weights"], UPCAST=False, PRECISION="tf32", FLATTEN=cfg.get("FLATTEN", False),
     )  # fmt: skip
     return _signature(fn, constexprs, unit, case["dtype"], {"w_ptr": "fp32" if case["row_weights"] else case["dtype"]})
 
@@ -161,11 +176,11 @@ def _glu_bwd_cases(compile_all: bool) -> list[dict]:
     G = _glu_bwd_module()
     cases = []
 
-    def add(name, tma, k_major=True, store_h=False, cfg=None, row_weights=False):
+    def add(name, tma, k_major=True, store_h=False, cfg=None, row_weights=False, weighted_h=False):
         # A sweep config keeps its path's default epilogue chunks (EPI_SPLIT) unless it names them.
-        cfg = dict(G.backward_default_config(BLOCK, 2, use_tma=tma), **(cfg or {}))
+        cfg = dict(G.backward_default_config(BLOCK, 2, use_tma=tma, row_weights=row_weights), **(cfg or {}))
         cases.append(dict(name=name, kernel="glu_bwd", dtype="bf16", use_tma=tma, k_major=k_major, store_h=store_h,
-                          row_weights=row_weights, config=cfg))  # fmt: skip
+                          row_weights=row_weights, weighted_h=weighted_h, config=cfg))  # fmt: skip
 
     # w2 [E, ffn, H] contiguous, as the layer stores it: w2^T is the K-major view (the default case).
     add("glu_bwd tma", True)
@@ -174,6 +189,8 @@ def _glu_bwd_cases(compile_all: bool) -> list[dict]:
     add("glu_bwd tma flatten", True, cfg=dict(G.backward_default_config(BLOCK, 2), FLATTEN=True))
     add("glu_bwd tma row_weights", True, row_weights=True)
     add("glu_bwd tma store_h row_weights", True, store_h=True, row_weights=True)
+    # h stored as row_weights[r] * h[r] (weighted_h: the down projection's dw2 without dy scaled in place).
+    add("glu_bwd tma store_h row_weights weighted_h", True, store_h=True, row_weights=True, weighted_h=True)
     add("glu_bwd pointers", False)
     add("glu_bwd pointers store_h", False, store_h=True)
     add("glu_bwd pointers row_weights", False, row_weights=True)
@@ -196,6 +213,7 @@ def _glu_bwd_source(case: dict):
         B_TMA=case["use_tma"], B_K_MAJOR=case["k_major"] and case["use_tma"], STORE_H=case["store_h"], UPCAST=False,
         EPI_TMA=case["use_tma"] and cfg["BLOCKS_N"] == 1,  # as the launcher decides (aligned block tensors)
         ROW_WEIGHTS=rw, EPI_SPLIT=cfg.get("EPI_SPLIT", 1), PRECISION="tf32", FLATTEN=cfg.get("FLATTEN", False),
+        WEIGHTED_H=case.get("weighted_h", False),
     )  # fmt: skip
     ptrs = {"w_ptr": "fp32", "dw_ptr": "fp32"} if rw else {}
     return _signature(_glu_bwd_module()._sdd_glu_bwd_kernel, constexprs, unit, case["dtype"], ptrs)
