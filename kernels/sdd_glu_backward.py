@@ -80,6 +80,7 @@ def _sdd_glu_bwd_kernel(
     EPI_TMA: tl.constexpr,  # g, u and the outputs through [capacity, BLOCK, BLOCK] descriptors (BLOCKS_N == 1 only)
     STORE_H: tl.constexpr,
     ROW_WEIGHTS: tl.constexpr,  # dh = w[row] * (dy @ w2^T), and the routing-weight gradient's partial sums
+    WEIGHTED_H: tl.constexpr,  # STORE_H and ROW_WEIGHTS only: h_ptr gets w[row] * silu(g) * u
     EPI_SPLIT: tl.constexpr,  # 1, 2 or 4: the epilogue runs over that many column chunks of the tile, one at a time
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -168,7 +169,7 @@ def _sdd_glu_bwd_kernel(
         for j in tl.static_range(EPI_SPLIT):
             part += _glu_bwd_chunk(_column_chunk(acc, j, EPI_SPLIT), j, w, row_mask, first, base, f0, col0, N, F,
                                    g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr, g_desc, u_desc, dg_desc, du_desc, h_desc,
-                                   BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS)  # fmt: skip
+                                   BLOCK, CW, EPI_TMA, STORE_H, ROW_WEIGHTS, WEIGHTED_H)  # fmt: skip
         if ROW_WEIGHTS:
             # d w[row] = sum_f dh[row, f] * h[row, f] over this tile's columns: one partial per (column
             # tile, row), each written by exactly one tile (rows of other block rows are masked off).
@@ -193,7 +194,8 @@ def _column_chunk(acc, j: tl.constexpr, SPLIT: tl.constexpr):
 @triton.jit
 def _glu_bwd_chunk(acc, j: tl.constexpr, w, row_mask, first, base, f0, col0, N, F, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr,
                    g_desc, u_desc, dg_desc, du_desc, h_desc, BLOCK: tl.constexpr, CW: tl.constexpr,
-                   EPI_TMA: tl.constexpr, STORE_H: tl.constexpr, ROW_WEIGHTS: tl.constexpr):  # fmt: skip
+                   EPI_TMA: tl.constexpr, STORE_H: tl.constexpr, ROW_WEIGHTS: tl.constexpr,
+                   WEIGHTED_H: tl.constexpr):  # fmt: skip
     """Columns ``[j * CW, (j + 1) * CW)`` of a tile's epilogue; returns their part of ``sum_f dh * h`` per row."""
     offs = tl.arange(0, BLOCK)
     on = j * CW + tl.arange(0, CW)  # column within the tile
@@ -207,11 +209,14 @@ def _glu_bwd_chunk(acc, j: tl.constexpr, w, row_mask, first, base, f0, col0, N, 
     # Within the tile the offsets stay int32 (< 256 * BLOCK), fewer registers per element.
     tile_off = (on // BLOCK)[None, :] * (BLOCK * BLOCK) + offs[:, None] * BLOCK + (on % BLOCK)[None, :]
     store_mask = (f0 + on // BLOCK < F)[None, :]
-    # Ordered so that few full chunks are live at once: g dies into silu and dh * silu'(g), dh
-    # after du's store, and u is loaded last. Under EPI_TMA the box reads the whole block
-    # (padding included: NaN there must not leak), so where() selects 0 outside `valid`.
+    # Ordered so that few full chunks are live at once and so that every read of a g or u element
+    # comes before the store of dg or du to the same element (``out`` may alias g and u: dg over g,
+    # du over u): g dies into silu and dh * silu'(g), u is loaded before du's store, and h's second
+    # read of g comes before dg's store. Under EPI_TMA the box reads the whole block (padding
+    # included: NaN there must not leak), so where() selects 0 outside `valid`.
     # With ROW_WEIGHTS, `dh` is the unweighted product and w scales each output in fp32
-    # before its one rounding: du = w * (dh * silu), dg = w * (dh * silu') * u.
+    # before its one rounding: du = w * (dh * silu), dg = w * (dh * silu') * u (and, WEIGHTED_H,
+    # h = w * (silu * u)); the routing-weight gradient's row sums use the unweighted h.
     if EPI_TMA:
         g = tl.where(valid, g_desc.load([first, 0, j * CW]).reshape(BLOCK, CW).to(tl.float32), 0.0)
     else:
@@ -220,50 +225,63 @@ def _glu_bwd_chunk(acc, j: tl.constexpr, w, row_mask, first, base, f0, col0, N, 
     silu = g * s
     dh_dsilu = dh * (s + silu * (1.0 - s))  # dh * silu'(g), silu'(g) = s * (1 + g * (1 - s)); fp32 throughout
     dh_silu = dh * silu
+    if EPI_TMA:
+        u = tl.where(valid, u_desc.load([first, 0, j * CW]).reshape(BLOCK, CW).to(tl.float32), 0.0)
+    else:
+        u = tl.load(u_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
     if ROW_WEIGHTS:
         du = (dh_silu * w[:, None]).to(du_ptr.dtype.element_ty)
     else:
         du = dh_silu.to(du_ptr.dtype.element_ty)
     if EPI_TMA:
         du_desc.store([first, 0, j * CW], du.reshape(1, BLOCK, CW))
-        u = tl.where(valid, u_desc.load([first, 0, j * CW]).reshape(BLOCK, CW).to(tl.float32), 0.0)
     else:
         tl.store(du_ptr + base + tile_off, du, mask=store_mask)
-        u = tl.load(u_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
     part = tl.zeros((BLOCK,), dtype=tl.float32)
     if ROW_WEIGHTS:
         part = tl.sum(dh_silu * u, axis=1)  # zero outside `valid`
         dg = (dh_dsilu * u * w[:, None]).to(dg_ptr.dtype.element_ty)
     else:
         dg = (dh_dsilu * u).to(dg_ptr.dtype.element_ty)
+    if STORE_H:
+        # silu(g) again from a second read of the g chunk (in L2: it was just read) rather than
+        # kept live across the du store, which spilled at one 128x128 chunk: TMA 255 registers
+        # and 16 B of stack, pointers 320 B (tests/sm90_persistent_worker.py glu_bwd, bf16,
+        # block 128). The read and h's store come before dg's store (dg may overwrite g).
+        if EPI_TMA:
+            g2 = tl.where(valid, g_desc.load([first, 0, j * CW]).reshape(BLOCK, CW).to(tl.float32), 0.0)
+        else:
+            g2 = tl.load(g_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
+        h32 = g2 * tl.sigmoid(g2) * u
+        if WEIGHTED_H:
+            h32 = h32 * w[:, None]
+        h = h32.to(h_ptr.dtype.element_ty)
+        if EPI_TMA:
+            h_desc.store([first, 0, j * CW], h.reshape(1, BLOCK, CW))
+        else:
+            tl.store(h_ptr + base + tile_off, h, mask=store_mask)
     if EPI_TMA:
         dg_desc.store([first, 0, j * CW], dg.reshape(1, BLOCK, CW))
     else:
         tl.store(dg_ptr + base + tile_off, dg, mask=store_mask)
-    if STORE_H:
-        # silu(g) again from a second read of the g chunk (in L2: it was just read) rather than
-        # kept live across the du and dg stores, which spilled at one 128x128 chunk: TMA 255
-        # registers and 16 B of stack, pointers 320 B; with the reload 181 and none, pointers 184 B
-        # (tests/sm90_persistent_worker.py glu_bwd, bf16, block 128).
-        if EPI_TMA:
-            g2 = tl.where(valid, g_desc.load([first, 0, j * CW]).reshape(BLOCK, CW).to(tl.float32), 0.0)
-            h = (g2 * tl.sigmoid(g2) * u).to(h_ptr.dtype.element_ty)
-            h_desc.store([first, 0, j * CW], h.reshape(1, BLOCK, CW))
-        else:
-            g2 = tl.load(g_ptr + base + tile_off, mask=valid, other=0.0).to(tl.float32)
-            h = (g2 * tl.sigmoid(g2) * u).to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + base + tile_off, h, mask=store_mask)
     return part
 
 
-def backward_default_config(block: int, elem_bytes: int = 2, use_tma: bool = True) -> dict:
+def backward_default_config(block: int, elem_bytes: int = 2, use_tma: bool = True, row_weights: bool = False) -> dict:
     """``sdd_glu``'s tile (at block 128: 128x128, BK 64, 8 warps, 4 stages; one pinned config under the
-    interpreter) and the epilogue's column chunks: one with TMA (``EPI_SPLIT=1``), four on the pointer
-    path (``EPI_SPLIT=4``: each chunk's masked addresses, ``g`` and ``u`` live alone; at one chunk the
-    pointer kernel spilled, 255 registers and 32 to 464 B of stack, at four it needs 139 to 198 and
-    none: ``tests/sm90_persistent_worker.py glu_bwd``, ``docs/perf-notes.md``). Under the interpreter
-    the pointer path takes two chunks (a chunk is one more interpreted call; four are tested explicitly)."""
-    split = 1 if use_tma else (2 if interpreting() else 4)
+    interpreter) and the epilogue's column chunks: with TMA one (``EPI_SPLIT=1``), two with ``row_weights``,
+    four on the pointer path (``EPI_SPLIT=4``: each chunk's masked addresses, ``g`` and ``u`` live alone;
+    at one chunk the pointer kernel spilled, 255 registers and 32 to 464 B of stack, at four it needs 136
+    to 220 and none: ``tests/sm90_persistent_worker.py glu_bwd``, ``docs/perf-notes.md``). With routing
+    weights the TMA epilogue holds three full chunks across u's load (dh * silu for du and the weight
+    gradient, dh * silu'(g) for dg, and u: u is read before du's store so that ``out`` may alias g and
+    u), which spilled at one chunk (255 registers, 120 to 136 B of stack) and at two needs 184 to 206
+    and none. Under the interpreter the pointer path takes two chunks (a chunk is one more interpreted
+    call; four are tested explicitly)."""
+    if use_tma:
+        split = 2 if row_weights else 1
+    else:
+        split = 2 if interpreting() else 4
     return dict(default_config(block, elem_bytes, glu=True), EPI_SPLIT=split)
 
 
@@ -273,7 +291,8 @@ def _workspace(tiles: int, rows: int, device) -> torch.Tensor:
 
 
 def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor, u: torch.Tensor, topo, *,
-                     row_weights: torch.Tensor | None = None, store_h: bool = False, out: tuple | None = None,
+                     row_weights: torch.Tensor | None = None, store_h: bool = False, weighted_h: bool = False,
+                     out: tuple | None = None,
                      use_tma: bool | None = None, config: dict | None = None, num_programs: int | None = None,
                      schedule: torch.Tensor | None = None):  # fmt: skip
     """``(dg, du)``, or ``(dg, du, h)`` with ``store_h``: the SwiGLU gradients at the topology's blocks;
@@ -312,6 +331,9 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
         if row_weights.shape[0] != S or row_weights.device != dy_sorted.device:
             raise ValueError(f"{op}: row_weights must be [{S}] (one weight per sorted row) on {dy_sorted.device}, "
                              f"got {tuple(row_weights.shape)} on {row_weights.device}")  # fmt: skip
+    if weighted_h and not (store_h and row_weights is not None):
+        raise ValueError(f"{op}: weighted_h=True needs store_h=True and row_weights (it stores row_weights[r] * h[r]), "
+                         f"got store_h={store_h}, row_weights={'None' if row_weights is None else 'given'}")  # fmt: skip
     bs = topo.block_size
     new = lambda: torch.empty((topo.capacity, bs, bs), dtype=dy_sorted.dtype, device=dy_sorted.device)  # noqa: E731
     names = ("dg", "du", "h") if store_h else ("dg", "du")
@@ -335,7 +357,8 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
     k_major, b_problems = _b_layout({"w2^T": b})
     problems += b_problems
     tma = resolve_tma(op, use_tma, dy_sorted, problems)
-    cfg = dict(backward_default_config(bs, dy_sorted.element_size(), use_tma=tma), **(config or {}))
+    cfg = dict(backward_default_config(bs, dy_sorted.element_size(), use_tma=tma, row_weights=row_weights is not None),
+               **(config or {}))
     check_config_keys(op, cfg, ("BLOCK_K", "BLOCKS_N", "num_warps", "num_stages", "FLATTEN", "EPI_SPLIT"))
     if cfg["BLOCKS_N"] * bs > 256:
         raise ValueError(f"{op}: config BLOCKS_N={cfg['BLOCKS_N']} x block {bs} > 256 columns (a TMA box's limit)")
@@ -370,7 +393,8 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
         row_weights.stride(0) if rw else 0,
         BLOCK=bs, BLOCK_K=cfg["BLOCK_K"], BLOCKS_N=cfg["BLOCKS_N"], COL_BITS=max(1, (nt - 1).bit_length()),
         A_TMA=tma, B_TMA=tma, B_K_MAJOR=bool(tma and k_major), EPI_TMA=epi_tma, STORE_H=bool(store_h),
-        ROW_WEIGHTS=rw, EPI_SPLIT=split, UPCAST=needs_upcast(dy_sorted.dtype), PRECISION=dot_precision(dy_sorted.dtype),
+        ROW_WEIGHTS=rw, WEIGHTED_H=bool(weighted_h), EPI_SPLIT=split, UPCAST=needs_upcast(dy_sorted.dtype),
+        PRECISION=dot_precision(dy_sorted.dtype),
         FLATTEN=bool(cfg.get("FLATTEN", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
