@@ -21,7 +21,10 @@ uniform and skewed routing, it times with ``triton.testing.do_bench`` (medians):
   transformers' ``down_proj [E, H, ffn]`` transposed; a few other TMA configs with
   ``--sweep``), ``torch._grouped_mm`` on the same product over the sorted rows (both
   weight layouts), and the weighted combine after it: ``dsd`` + ``combine(weights)``
-  against ``dsd_persistent(row_weights=...)`` + the unweighted gather-sum;
+  against ``dsd_persistent(row_weights=...)`` + the unweighted gather-sum; and the GLU
+  backward's ``dx_sorted = dg @ w1^T + du @ v1^T`` (both weights K-major views of
+  ``[E, H, ffn]``): ``dsd_persistent(dg, w1^T, also=(du, v1^T))``, one launch, against two
+  TMA ``dsd_persistent`` launches and an add;
 * the weight gradient DSD^T ``dw2 = blocks(h)^T @ dy_sorted`` (``--kernels`` has
   ``dsd_t``): ``dsd_t`` (autotuned), ``dsd_t_persistent`` with pointers and with TMA
   (into ``[E, ffn, H]``, and into a transposed ``[E, H, ffn]`` target as ``dw1^T`` is
@@ -141,6 +144,11 @@ def plan_shape(shape: KernelShape, routing: str) -> dict:
         "h_blocks": P.tma_problem("h_blocks", meta(topo.capacity, bs, bs), 2) or "ok",
         "w2 [E,F,H]": P.tma_problem("w2", meta(E, N, H), 2) or "ok",
         "down_proj^T view": P.tma_problem("down_proj^T", meta(E, H, N).transpose(1, 2), 1) or "ok",
+    })  # fmt: skip
+    # The dual DSD of the backward, dx_sorted = dg @ w1^T + du @ v1^T: the same tiles, twice the K steps.
+    out["dsd"]["dual_dx"] = dict(k_steps_per_tile=2 * triton.cdiv(N, dcfg["BLOCK_K"]), tma={
+        "w1^T view": P.tma_problem("w1^T", meta(E, H, N).transpose(1, 2), 1) or "ok",
+        "v1^T view": P.tma_problem("v1^T", meta(E, H, N).transpose(1, 2), 1) or "ok",
     })  # fmt: skip
     # The DSD^T dw2 = blocks(h)^T @ dy_sorted: output tiles over [E, ffn, H], K = the expert's rows.
     tcfg = D.preferred_config(DT.dsd_t_persistent_configs(bs, 2, use_tma=False))  # default_config's choice on a GPU
@@ -322,6 +330,14 @@ def run_dsd(run: Runner, shape: KernelShape, routing: str, sweep: bool):
                lambda: kern.combine(D.dsd_persistent(h, w2, topo, row_weights=row_weights, use_tma=True),
                                     plan.slot_to_sorted, k),
                check=(lambda out: (out, y_ref)) if y_ref is not None else None)  # fmt: skip
+    # The backward's dx_sorted = dg @ w1^T + du @ v1^T (w1, v1 [E, H, ffn]: K-major views), h standing in for dg.
+    du = _rows_to_blocks(torch.randn(S, N, generator=gen, device=dev).to(dt), topo)
+    w1t, v1t = ((torch.randn(E, H, N, generator=gen, device=dev) * N**-0.5).to(dt).transpose(1, 2) for _ in range(2))
+    dx_ref = run.record(base, "2x dsd_persistent + add (dx)",
+                        lambda: D.dsd_persistent(h, w1t, topo, use_tma=True).add_(
+                            D.dsd_persistent(du, v1t, topo, use_tma=True)), flops=2 * c["flops"])  # fmt: skip
+    run.record(base, "dsd_persistent dual (dx)", lambda: D.dsd_persistent(h, w1t, topo, also=(du, v1t), use_tma=True),
+               check=(lambda out: (out, dx_ref)) if dx_ref is not None else None, flops=2 * c["flops"])  # fmt: skip
 
 
 def run_dsd_t(run: Runner, shape: KernelShape, routing: str, sweep: bool):

@@ -325,3 +325,6 @@ def test_device_benchmark_plans_the_dsd(tmp_path):
         d = p["dsd"]
         assert d["tma"] == {"h_blocks": "ok", "w2 [E,F,H]": "ok", "down_proj^T view": "ok"}, d["tma"]
         assert (d["default_config"]["BLOCK_N"], d["default_config"]["BLOCK_K"]) == (256, 64) and not d["k_tail"]
+        # The backward's dual DSD (dx_sorted): both weights' K-major views TMA eligible, twice the K steps.
+        assert d["dual_dx"]["tma"] == {"w1^T view": "ok", "v1^T view": "ok"}, d["dual_dx"]
+        assert d["dual_dx"]["k_steps_per_tile"] == 2 * -(-p["shape"]["ffn"] // d["default_config"]["BLOCK_K"])
