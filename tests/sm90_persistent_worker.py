@@ -153,7 +153,7 @@ def _dsd_t_source(case: dict):
 
     D = _dsd_t_module()
     if case.get("kernel") == "schedule":
-        sig = {"order_ptr": "*i32", "schedule_ptr": "*i32", "E": "i32", "F": "i32", "NT": "i32",
+        sig = {"order_ptr": "*i32", "schedule_ptr": "*i32", "E": "i32", "F": "i32", "NT": "i32", "P": "i32",
                "COL_BITS": "constexpr", "GROUP": "constexpr", "TILE": "constexpr"}  # fmt: skip
         return ASTSource(D._dsd_t_schedule_kernel, sig, {"COL_BITS": 7, "GROUP": D.GROUP, "TILE": D._SCHEDULE_TILE})
     cfg = case["config"]
