@@ -157,6 +157,38 @@ def test_saves_only_the_pre_activations(device):
     assert all(s.dim() == 1 for s in others), [tuple(s.shape) for s in others if s.dim() != 1]
 
 
+def test_backward_writes_over_g_u_and_refuses_a_second_pass(device, monkeypatch):
+    """The GLU backward's ``dg``/``du`` go into the saved ``g``/``u`` (one new block tensor, ``h``, not three),
+    ``dx`` is one dual-product DSD; a second backward over the same graph is refused, not computed from them."""
+    T, E, k, H, ffn, bs, mode = CASES["prime-experts"]
+    plan = plan_routing(make_expert_ids(T, E, k, mode).to(device), E)
+    topo = build_topology(plan, ffn, bs)
+    leaves, dy = _leaves(T, E, k, H, ffn, 0)
+    t = {n: v.to(device).requires_grad_() for n, v in leaves.items()}
+    saved, calls = [], []
+    glu_bwd, dsd = PF.K.sdd_glu_backward, PF.K.dsd_persistent
+
+    def spy_glu_bwd(dy_sorted, w2, g, u, topo, **kw):
+        calls.append(("glu_bwd", kw["out"][0] is g and kw["out"][1] is u, kw.get("weighted_h")))
+        return glu_bwd(dy_sorted, w2, g, u, topo, **kw)
+
+    def spy_dsd(*a, **kw):
+        calls.append(("dsd", kw.get("also") is not None, kw.get("row_weights") is not None))
+        return dsd(*a, **kw)
+
+    monkeypatch.setattr(PF.K, "sdd_glu_backward", spy_glu_bwd)
+    monkeypatch.setattr(PF.K, "dsd_persistent", spy_dsd)
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        y = PF.persistent_glu_ffn(t["x"], t["w1"], t["v1"], t["w2"], plan, topo, t["weights"])
+    g_ptrs = {s.data_ptr() for s in saved if s.shape == (topo.capacity, bs, bs)}
+    y.backward(dy.to(device), retain_graph=True)
+    # forward: one weighted DSD; backward: the GLU backward over g/u with w * h, one DSD with also= for dx
+    assert calls == [("dsd", False, True), ("glu_bwd", True, True), ("dsd", True, False)], calls
+    assert len(g_ptrs) == 2
+    with pytest.raises(RuntimeError, match=r"persistent_glu_ffn: backward ran twice over one graph \(retain_graph=True\)"):
+        y.backward(dy.to(device))
+
+
 @pytest.mark.skipif(not INTERPRETING, reason="the interpreter's TMA emulation; on a GPU the auto path tests TMA")
 def test_tma_paths(device):
     """Every kernel through descriptors (use_tma=True: all operands are 16-byte aligned at these sizes)."""

@@ -13,16 +13,23 @@ forward (3 launches after the plan's index):
     in the epilogue (fp32, before the one rounding), then the top-k combine is a plain
     deterministic gather-sum (``permute.combine``, ``weights=None``: no atomics).
 
-backward:
+backward (7 launches with every gradient, after the gathers):
     ``dy_sorted = gather(dy)``; ``sdd_glu_backward(dy_sorted, w2, g, u, row_weights=,
-    store_h=True)`` gives ``dg``, ``du`` (already scaled by the row weight), ``h`` and the
-    routing-weight gradient ``dy[r] . (h[r] @ w2[e])`` from the same pass; ``dw2 =
-    dsd_t_persistent(h, w * dy_sorted)``; ``x_sorted = gather(x)`` once (the persistent
-    DSD^T has no fused gather, and keeping it from forward would cost ``[S, H]`` of
-    activation memory for the whole step); ``dw1``/``dv1 = dsd_t_persistent(dg/du,
-    x_sorted)``; ``dx_sorted = dsd_persistent(dg, w1^T) + dsd_persistent(du, v1^T)``
-    (transposed views: the kernels read any strides), summed over each token's k rows
-    by ``combine`` (a gather per token, no atomics: deterministic).
+    store_h=True, weighted_h=True, out=(g, u, h))`` gives ``dg``, ``du`` (already scaled by
+    the row weight) written over ``g`` and ``u`` (the kernel reads each chunk before it
+    stores there), ``w * h`` and the routing-weight gradient ``dy[r] . (h[r] @ w2[e])``
+    from the same pass; ``dw2 = dsd_t_persistent(w * h, dy_sorted)``; ``x_sorted =
+    gather(x)`` once (the persistent DSD^T has no fused gather, and keeping it from
+    forward would cost ``[S, H]`` of activation memory for the whole step);
+    ``dw1``/``dv1 = dsd_t_persistent(dg/du, x_sorted)``; ``dx_sorted = dsd_persistent(dg,
+    w1^T, also=(du, v1^T))`` (both products in one accumulator; transposed views: the
+    kernels read any strides), summed over each token's k rows by ``combine`` (a gather
+    per token, no atomics: deterministic).
+
+Memory: writing ``dg``/``du`` over the saved ``g``/``u`` means the backward's peak holds
+three block tensors (``dg``, ``du``, ``h``), not five. The price: the saved tensors are
+spent, so a second backward over the same graph (``retain_graph=True``) is refused with
+a RuntimeError rather than computed from overwritten values.
 
 Nothing reads a value back to the host: the plan and topology are device tensors and
 every size used here comes from host-side shapes (tests check it). Plans with padding
@@ -156,19 +163,27 @@ class _PersistentGLU(torch.autograd.Function):
         ctx.save_for_backward(x, w1, v1, w2, g, u, s2s, slot2s, rw if rw is not None else g, sdd_sched,
                               dsd_sched, *topo.tensors())  # fmt: skip
         ctx.sizes, ctx.k, ctx.has_w, ctx.use_tma = topo.sizes(), k, weights is not None, use_tma
+        ctx.spent = False
         ctx.w_dtype = weights.dtype if weights is not None else None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        if ctx.spent:  # checked before saved_tensors: their g and u now hold dg and du (see the module docstring)
+            raise RuntimeError(
+                "persistent_glu_ffn: backward ran twice over one graph (retain_graph=True); the first one wrote dg, du "
+                "over the saved g, u to save their memory. Run the forward again, or use backend='triton' or 'grouped'"
+            )
         x, w1, v1, w2, g, u, s2s, slot2s, rw, sdd_sched, dsd_sched, *topo_tensors = ctx.saved_tensors
         topo = Topology.from_parts(ctx.sizes, topo_tensors)
         rw = rw if ctx.has_w else None
         k, tma = ctx.k, ctx.use_tma
         need_x, need_w1, need_v1, need_w2, need_w = ctx.needs_input_grad[:5]
         dy_sorted = K.gather(dy, s2s, k)  # any strides (a loss's expanded ones too): no contiguous copy first
+        ctx.spent = True
         dg, du, h, d_rw = _glu_backward(dy_sorted, w2, g, u, topo, rw, need_w and ctx.has_w, tma, sdd_sched)
+        del g, u  # now dg, du: the same buffers
         # One DSD^T schedule (an argsort of the expert counts and a launch) for dw2, dw1 and dv1: all N = H.
         t_sched = None
         if need_w1 or need_v1 or need_w2:
@@ -180,10 +195,8 @@ class _PersistentGLU(torch.autograd.Function):
             d_weights = d_rw[slot2s.long()].reshape(-1, k).to(ctx.w_dtype)
         dw1 = dv1 = dw2 = dx = None
         if need_w2:
-            # y_sorted = w * (h @ w2): dw2[e] = h^T (w * dy_sorted). dy_sorted is not needed after this.
-            dy_w = dy_sorted if rw is None else dy_sorted.mul_(rw[:, None])
-            dw2 = K.dsd_t_persistent(h, dy_w, topo, out=_grad_like(w2), use_tma=tma, schedule=t_sched)
-            del dy_w
+            # y_sorted = w * (h @ w2): dw2[e] = (w * h)^T dy_sorted, and h is already w * h (weighted_h).
+            dw2 = K.dsd_t_persistent(h, dy_sorted, topo, out=_grad_like(w2), use_tma=tma, schedule=t_sched)
         del dy_sorted, h
         if need_w1 or need_v1:
             x_sorted = K.gather(x, s2s, k)
@@ -196,8 +209,9 @@ class _PersistentGLU(torch.autograd.Function):
                 K.dsd_t_persistent(du, x_sorted, topo, out=dv1.transpose(1, 2), use_tma=tma, schedule=t_sched)
             del x_sorted
         if need_x:
-            dxs = K.dsd_persistent(dg, w1.transpose(1, 2), topo, use_tma=tma, schedule=dsd_sched)
-            dxs.add_(K.dsd_persistent(du, v1.transpose(1, 2), topo, use_tma=tma, schedule=dsd_sched))
+            # dx_sorted = dg @ w1^T + du @ v1^T in one launch: both products into one fp32 accumulator, one store
+            dxs = K.dsd_persistent(dg, w1.transpose(1, 2), topo, also=(du, v1.transpose(1, 2)), use_tma=tma,
+                                   schedule=dsd_sched)  # fmt: skip
             dx = K.combine(dxs, slot2s, k)  # the sum over each token's k sorted rows: a gather, no atomics
         return dx, dw1, dv1, dw2, d_weights, None, None, None
 
@@ -211,12 +225,18 @@ def _grad_like(w: torch.Tensor) -> torch.Tensor:
 
 
 def _glu_backward(dy_sorted, w2, g, u, topo, rw, need_rw: bool, tma, schedule):
-    """``(dg, du, h, d_row_weights)`` from one ``sdd_glu_backward`` pass: ``dg``/``du`` scaled by ``rw``
-    (when given) in fp32 before their rounding, ``h = silu(g) * u`` (for ``dw2``), and ``d_row_weights``
-    fp32 ``[S]`` (``dy[r] . (h[r] @ w2[e])``, None when not asked for)."""
+    """``(dg, du, h, d_row_weights)`` from one ``sdd_glu_backward`` pass, ``dg``/``du`` written over ``g``/``u``.
+
+    ``dg``/``du`` are scaled by ``rw`` (when given) in fp32 before their rounding; ``h`` is
+    ``silu(g) * u``, times ``rw`` when given (``weighted_h``: what ``dw2`` needs, so
+    ``dy_sorted`` is not scaled); ``d_row_weights`` fp32 ``[S]`` (``dy[r] . (h[r] @ w2[e])``,
+    None when not asked for). The kernel reads each g/u chunk before it stores dg/du there.
+    """
+    out = (g, u, torch.empty_like(g))
     if rw is None:
-        dg, du, h = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, use_tma=tma, schedule=schedule)
+        dg, du, h = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, out=out, use_tma=tma,
+                                       schedule=schedule)  # fmt: skip
         return dg, du, h, None
-    dg, du, h, d_rw = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, row_weights=rw, use_tma=tma,
-                                         schedule=schedule)  # fmt: skip
+    dg, du, h, d_rw = K.sdd_glu_backward(dy_sorted, w2, g, u, topo, store_h=True, weighted_h=True, row_weights=rw,
+                                         out=out, use_tma=tma, schedule=schedule)  # fmt: skip
     return dg, du, h, (d_rw if need_rw else None)
