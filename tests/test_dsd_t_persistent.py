@@ -97,7 +97,7 @@ def test_config_and_schedule(device):
             assert_close(out, expect, **TOLERANCES[torch.float16], name=f"config {cfg}")
     plan, topo, h, b, (E, N, ffn) = _case(device, "skewed-empty-experts", torch.float16)
     F, nt = topo.ffn_blocks, -(-N // 32)
-    sched = P.dsd_t_tile_schedule(topo, N, 32).long().cpu()
+    sched = P.dsd_t_tile_schedule(topo, N, 32, programs=1).long().cpu()  # one program: the sorted order itself
     bits = max(1, (nt - 1).bit_length())
     c, n = sched >> bits, sched & ((1 << bits) - 1)
     assert sorted((c * nt + n).tolist()) == list(range(E * F * nt)), "not a permutation of the tiles"
@@ -105,11 +105,109 @@ def test_config_and_schedule(device):
     assert bool((experts == experts[:, :1]).all()), "an expert's tiles are not consecutive"
     counts = plan.tokens_per_expert.cpu()[experts[:, 0]]
     assert bool((counts[:-1] >= counts[1:]).all()), f"experts not heaviest first: {counts.tolist()}"
-    # A prebuilt schedule (the backward's two weight gradients share one: both have N = hidden).
-    shared = P.dsd_t_tile_schedule(topo, N, 32)
+    # A prebuilt schedule (the backward's two weight gradients share one: both have N = hidden), for 2 programs.
+    shared = P.dsd_t_tile_schedule(topo, N, 32, programs=2)
     for data in (h, h.nan_to_num()):
         got = P.dsd_t_persistent(data, b, topo, config={"BLOCK_N": 32}, schedule=shared, num_programs=2)
         assert_close(got, _expect(data, b, topo), **TOLERANCES[torch.float16], name="shared schedule")
+
+
+def _snake_positions(num_tiles: int, programs: int) -> list[int]:
+    """The sorted tile at each schedule position for ``programs`` programs, written out round by round."""
+    p_eff, order = min(programs, num_tiles), []
+    for i, start in enumerate(range(0, num_tiles, p_eff)):
+        rnd = list(range(start, min(start + p_eff, num_tiles)))
+        order += rnd[::-1] if i % 2 else rnd
+    return order
+
+
+@pytest.mark.parametrize("name", ["skewed-empty-experts", "prime-experts"])
+def test_schedule_is_snake_ordered(device, name):
+    """Position ``i*P + p`` holds sorted tile ``i*P + p`` (even round ``i``) or ``i*P + r-1-p`` (odd round, length ``r``).
+
+    The sorted order is the one-program schedule (every round one tile long): experts
+    heaviest first, each one's tiles in grouped order (``test_config_and_schedule``).
+    For every ``P`` the schedule is that order permuted within rounds: the same tiles
+    as round-robin's in each round, so program ``p`` still gets one tile of every round.
+    """
+    plan, topo, h, b, (E, N, ffn) = _case(device, name, torch.float16)
+    partial = set()  # (odd round?, length > 1) of the partial last rounds seen
+    for block_n in (32, 16):
+        T = E * topo.ffn_blocks * -(-N // block_n)
+        sorted_tiles = P.dsd_t_tile_schedule(topo, N, block_n, programs=1).cpu()
+        for programs in (1, 2, 3, 5, 6, 7, 9, 11, 13, 132, T - 1, T, T + 5):
+            sched = P.dsd_t_tile_schedule(topo, N, block_n, programs=programs)
+            assert sched.dtype == torch.int32 and sched.shape == (T,) and sched.device == topo.device
+            assert sched._dsd_t_programs == min(programs, T)
+            sched = sched.cpu()
+            assert torch.equal(sched, sorted_tiles[_snake_positions(T, programs)]), f"P={programs} not snake-ordered"
+            p_eff = min(programs, T)
+            for i, start in enumerate(range(0, T, p_eff)):  # each round: round-robin's tiles, odd rounds reversed
+                rnd, rr = sched[start : start + p_eff], sorted_tiles[start : start + p_eff]
+                assert torch.equal(rnd, rr.flip(0) if i % 2 else rr), f"P={programs} round {i}"
+                if len(rnd) < p_eff:
+                    partial.add((i % 2 == 1, len(rnd) > 1))
+            assert sorted(sched.tolist()) == sorted(sorted_tiles.tolist()), "not a permutation of round-robin's"
+    assert (True, True) in partial and (False, True) in partial, f"no odd and even partial last rounds: {partial}"
+    # Two program counts past the tiles launch the same grid (one tile each): the same schedule.
+    T = E * topo.ffn_blocks * -(-N // 32)
+    assert torch.equal(P.dsd_t_tile_schedule(topo, N, 32, programs=T + 1), P.dsd_t_tile_schedule(topo, N, 32, T + 9))
+
+
+SNAKE_CASES = {  # skewed, with empty experts, ffn off the block grid, N off the 32-column tile
+    "skewed-empty-experts": PERSISTENT_CASES["skewed-empty-experts"],  # E=5, ffn 72 at block 16
+    "skewed-prime-experts": (41, 7, 2, 40, 104, 32, "skewed"),  # E=7 (prime), experts 3..6 empty
+}
+
+
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("name", list(SNAKE_CASES))
+def test_snake_schedule_results_unchanged(device, name, use_tma):
+    """1, 3 and 5 programs on the snake schedule: the float64 reference, and the same bits as round-robin order.
+
+    The order only changes which program computes a tile, never how: each tile is one
+    program's whole K loop. The round-robin run passes the one-program (sorted) schedule
+    as a copy, which no longer records its program count, so the launch accepts it.
+    """
+    plan, topo, rnd, (E, N, ffn) = persistent_case(device, name, torch.float32, cases=SNAKE_CASES)
+    h = padding_poisoned(ref.sdd_torch(rnd(plan.num_slots, 8), rnd(E, 8, ffn), topo), topo)
+    b = rnd(plan.num_slots, N)
+    empty = plan.tokens_per_expert == 0
+    assert empty.any() and torch.isnan(h).any()
+    expect = _expect(h, b, topo)
+    round_robin = P.dsd_t_tile_schedule(topo, N, 32, programs=1).clone()
+    assert not hasattr(round_robin, "_dsd_t_programs")
+    got = {}
+    for programs in (1, 3, 5):
+        for order in ("snake", "round-robin"):
+            buf, out, guard = _guarded_out(E, ffn, N, torch.float32, device)
+            sched = None if order == "snake" else round_robin
+            P.dsd_t_persistent(h, b, topo, out=out, use_tma=use_tma, num_programs=programs, schedule=sched)
+            assert_close(out, expect, **TOLERANCES[torch.float32], name=f"{name} {order} P={programs}")
+            assert torch.all(buf[guard] == 1234.0), "stored outside its output"
+            assert torch.all(out[empty.to(out.device)] == 0), "an empty expert's gradient is not exactly zero"
+            got[programs, order] = out.clone()
+    first = got[1, "snake"]
+    for key, out in got.items():
+        assert torch.equal(out, first), f"{key}: not the same bits as one program's run"
+
+
+def test_schedule_program_count_is_checked(device):
+    """A schedule built for another grid is refused; ``None`` builds for the launcher's default (the SM count)."""
+    plan, topo, h, b, (E, N, ffn) = _case(device, "skewed-empty-experts", torch.float32)
+    expect = _expect(h, b, topo)
+    built = P.dsd_t_tile_schedule(topo, N, 32, programs=3)
+    with pytest.raises(ValueError, match=r"schedule was built for 3 programs, this launch runs 5"):
+        P.dsd_t_persistent(h, b, topo, schedule=built, num_programs=5)
+    with pytest.raises(ValueError, match=r"schedule was built for 3 programs, this launch runs 4"):
+        P.dsd_t_persistent(h, b, topo, schedule=built)  # the default grid: DEFAULT_NUM_PROGRAMS_CPU = 4 here
+    got = P.dsd_t_persistent(h, b, topo, schedule=built, num_programs=3)
+    assert_close(got, expect, **TOLERANCES[torch.float32], name="built for 3")
+    default = P.dsd_t_tile_schedule(topo, N, 32)  # persistent_ffn's sharing: both sides on their defaults
+    assert default._dsd_t_programs == P._default_programs(topo.device)
+    assert torch.equal(P.dsd_t_persistent(h, b, topo, schedule=default), P.dsd_t_persistent(h, b, topo))
+    with pytest.raises(ValueError, match="programs must be >= 1"):
+        P.dsd_t_tile_schedule(topo, N, 32, programs=0)
 
 
 def test_one_program_and_all_empty_but_one(device):
