@@ -19,9 +19,13 @@ block and padding element of the outputs is written as zero (``kernels/sdd.py``'
 
 With routing weights (``row_weights``: the forward scaled each output row by ``w[r]``, as
 ``dsd_persistent(..., row_weights=)`` does) the outputs are scaled by ``w[r]`` in fp32 and the
-same pass returns ``d w[r] = sum_f (dy @ w2[e]^T)[r, f] * h[r, f]`` (deterministic, no atomics).
-The epilogue runs over ``EPI_SPLIT`` column chunks of the tile: four on the pointer path, which
-spills at one (``backward_default_config``; ``docs/perf-notes.md``, GLU backward).
+same pass returns ``d w[r] = sum_f (dy @ w2[e]^T)[r, f] * h[r, f]`` (deterministic, no atomics);
+``weighted_h`` stores ``w[r] * h[r]`` instead of ``h`` (then ``dw2[e] = (w h)^T dy`` needs no
+scaled copy of ``dy``). The epilogue runs over ``EPI_SPLIT`` column chunks of the tile: four on the
+pointer path, which spills at one, two on the TMA path with routing weights, which spills at one
+(``backward_default_config``; ``docs/perf-notes.md``, GLU backward). Each chunk reads its ``g`` and
+``u`` elements before it stores ``dg`` and ``du`` to the same positions, so ``out`` may alias ``g``
+and ``u`` (``sdd_glu_backward``'s docstring).
 
 Same schedule, grid, TMA rules and expert-edge handling as ``kernels/sdd_persistent.py``
 (whose helpers come from ``persistent_common``). Opt-in only
@@ -307,6 +311,15 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
     that shape and dtype), every element written. ``use_tma``, ``config``, ``num_programs`` and ``schedule``
     (``tile_schedule(topo, config's BLOCKS_N)``) as ``sdd_persistent``.
 
+    ``out`` may alias ``g`` and ``u``: ``out=(g, u)`` or ``out=(g, u, h_buf)`` writes ``dg`` over ``g``
+    and ``du`` over ``u`` in place, with results identical to separate buffers. Every element of the
+    three block tensors is touched by exactly one tile (its own blocks) and, within the tile, one
+    epilogue column chunk, which reads its ``g`` and ``u`` elements (both reads of ``g`` where
+    ``store_h``) before it stores ``du``, ``h`` and ``dg`` to the same positions, on the pointer path
+    and the TMA path alike (a TMA load completes, its barrier waited, before the values that depend on
+    it are stored). Only that pairing: ``dg`` over ``u``, ``du`` over ``g``, or ``h`` over either is
+    not supported, nor a partial overlap.
+
     ``row_weights [S]`` (sorted order, any float dtype and stride): the forward was
     ``y_sorted[r] = row_weights[r] * (h[r] @ w2[e])`` (``dsd_persistent(..., row_weights=)``).
     Then ``dh`` is ``row_weights[r] * (dy_sorted @ w2[e]^T)`` (in fp32, before ``dg``/``du``
@@ -314,6 +327,11 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
     = sum_f (dy_sorted @ w2[e]^T)[r, f] * h[r, f]`` comes from the same pass: a new fp32 ``[S]``
     tensor (never in ``out``), each column tile's row sums written once into an fp32 workspace
     ``[column tiles, S]`` and summed over tiles by one deterministic ``sum(0)`` (no atomics).
+
+    ``weighted_h`` (needs ``store_h`` and ``row_weights``): ``h`` is stored as ``row_weights[r] * silu(g[r])
+    * u[r]``, scaled in fp32 before its one rounding, so that the down projection's weight gradient is
+    ``dw2[e] = h_w[e]^T dy_sorted`` with no ``dy_sorted * row_weights`` pass; ``dg``, ``du`` and
+    ``d_row_weights`` (which uses the unweighted ``h`` in registers) are unchanged, bit for bit.
     """
     op = "sdd_glu_backward"
     check_block_args(op, dy_sorted, w2, topo, rows_name="dy_sorted", expert_name="w2")
@@ -357,8 +375,10 @@ def sdd_glu_backward(dy_sorted: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
     k_major, b_problems = _b_layout({"w2^T": b})
     problems += b_problems
     tma = resolve_tma(op, use_tma, dy_sorted, problems)
-    cfg = dict(backward_default_config(bs, dy_sorted.element_size(), use_tma=tma, row_weights=row_weights is not None),
-               **(config or {}))
+    cfg = dict(
+        backward_default_config(bs, dy_sorted.element_size(), use_tma=tma, row_weights=row_weights is not None),
+        **(config or {}),
+    )
     check_config_keys(op, cfg, ("BLOCK_K", "BLOCKS_N", "num_warps", "num_stages", "FLATTEN", "EPI_SPLIT"))
     if cfg["BLOCKS_N"] * bs > 256:
         raise ValueError(f"{op}: config BLOCKS_N={cfg['BLOCKS_N']} x block {bs} > 256 columns (a TMA box's limit)")

@@ -135,6 +135,58 @@ def test_glu_backward_row_weights_matches_autograd(device, name, dtype, use_tma,
         assert torch.equal(a, b), f"{what}: changed with store_h or the program count (not deterministic)"
 
 
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(RW_CASES))
+def test_glu_backward_weighted_h_matches_autograd(device, name, dtype, use_tma):
+    """``weighted_h``: h stored as ``w[r] * silu(g) * u`` against float64 (one rounding from fp32), padding zero;
+    dg, du and ``d_row_weights`` bit-identical to the unweighted-h launch (d_row_weights uses the unweighted h).
+    Row r's weight at row r's elements is what makes the layer's ``dw2[e] = h_w[e]^T dy = h[e]^T (w * dy)[e]``."""
+    rw_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    plan, topo, (dy, w2, g, u, rw), (dg64, du64, h64, drw64) = _problem(device, name, dtype, seed=5, rw_dtype=rw_dtype)
+    dg, du, hw, drw = B.sdd_glu_backward(dy, w2, g, u, topo, row_weights=rw, store_h=True, weighted_h=True,
+                                         out=_poisoned(topo, dtype, device, 3), use_tma=use_tma, num_programs=3)  # fmt: skip
+    tol = TOLERANCES[dtype]
+    w_blocks = _blocks(rw.double()[:, None].expand(-1, topo.ffn_size).contiguous(), topo)  # w[r] at each element
+    assert_close(hw, h64 * w_blocks, **tol, name=f"weighted h {name}")
+    pad = padding_poisoned(torch.zeros_like(hw), topo).isnan()
+    assert bool((hw[pad] == 0).all()), "weighted h: padding or spare blocks not zero"
+    ref_out = B.sdd_glu_backward(dy, w2, g, u, topo, row_weights=rw, store_h=True,
+                                 out=_poisoned(topo, dtype, device, 3), use_tma=use_tma, num_programs=3)  # fmt: skip
+    for what, a, b in zip(("dg", "du", "d_row_weights"), (dg, du, drw), (ref_out[0], ref_out[1], ref_out[3])):
+        assert torch.equal(a, b), f"{what}: changed by weighted_h"
+    assert_close(drw, drw64, **tol, name=f"d_row_weights {name}")
+
+
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(RW_CASES))
+def test_glu_backward_out_may_alias_g_and_u(device, name, dtype, use_tma):
+    """``out=(g, u[, h_buf])``: dg written over g and du over u in place gives results identical to separate
+    buffers (NaN-poisoned h_buf): the layer's launch (store_h, row_weights, weighted_h) in both dtypes, the other
+    forms and the EPI_SPLIT chunk counts (1, 2, 4; by TMA where use_tma) in fp32. The kernel before the
+    read-before-store order failed this (dg and h read back the dg/du just stored) under the interpreter too."""
+    rw_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    plan, topo, (dy, w2, g, u, rw), _ = _problem(device, name, dtype, seed=7, rw_dtype=rw_dtype)
+    variants = [dict(store_h=True, row_weights=rw, weighted_h=True)]  # the layer's launch
+    if dtype == torch.float32:  # the rest once per case and path (interpreter time)
+        variants += [dict(store_h=True), dict(), dict(store_h=True, row_weights=rw), dict(row_weights=rw)]
+    splits = [None] if dtype != torch.float32 else [None, {"EPI_SPLIT": 1}, {"EPI_SPLIT": 4}]
+    for kw in variants:
+        for cfg in splits if kw.get("weighted_h") else [None]:
+            n = 3 if kw.get("store_h") else 2
+            common = dict(use_tma=use_tma, num_programs=3, config=cfg, **kw)
+            want = B.sdd_glu_backward(dy, w2, g, u, topo, out=_poisoned(topo, dtype, device, n), **common)
+            g_buf, u_buf = g.clone(), u.clone()  # the saved blocks, NaN in their padding
+            out = (g_buf, u_buf) + _poisoned(topo, dtype, device, n - 2)
+            got = B.sdd_glu_backward(dy, w2, g_buf, u_buf, topo, out=out, **common)
+            assert got[0] is g_buf and got[1] is u_buf, "out not returned"
+            assert len(got) == len(want)
+            for what, a, b in zip(("dg", "du", "h" if n == 3 else "d_row_weights", "d_row_weights"), got, want):
+                assert not a.isnan().any(), f"{what} aliased {kw.keys()} {cfg}: NaN"
+                assert torch.equal(a, b), f"{what}: aliased out differs from separate buffers ({list(kw)}, {cfg})"
+
+
 def test_glu_backward_strided_w2_and_wide_tile(device):
     """``w2`` as a transposed view (the N-major descriptor), a two-block tile with odd ``F``, 5 programs, FLATTEN,
     the epilogue's column chunks (``EPI_SPLIT``)."""
@@ -188,6 +240,10 @@ def test_glu_backward_bad_arguments_are_named(device):
         f(dy, w2, g, u, topo, row_weights=torch.ones(S, 1, device=device))
     with pytest.raises(TypeError, match="row_weights must have dtype float32, float16 or bfloat16"):
         f(dy, w2, g, u, topo, row_weights=torch.ones(S, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"weighted_h=True needs store_h=True and row_weights"):
+        f(dy, w2, g, u, topo, row_weights=torch.ones(S, device=device), weighted_h=True)
+    with pytest.raises(ValueError, match=r"weighted_h=True needs store_h=True and row_weights"):
+        f(dy, w2, g, u, topo, store_h=True, weighted_h=True)
     with pytest.raises(ValueError, match="config EPI_SPLIT=3 must be 1, 2 or 4"):
         f(dy, w2, g, u, topo, config={"EPI_SPLIT": 3})
     E, ffn, H = w2.shape
