@@ -266,6 +266,7 @@ def test_glu_backward_compiles_for_sm90():
     for path in ("tma", "pointers"):
         for variant in ("", " store_h", " row_weights", " store_h row_weights"):
             assert f"glu_bwd {path}{variant}" in names, f"glu_bwd {path}{variant} not compiled"
+    assert "glu_bwd tma store_h row_weights weighted_h" in names, "the layer's launch (weighted_h) not compiled"
     for r in records:
         assert r["resources"]["stack"] == 0 and not (r["sass"]["LDL"] or r["sass"]["STL"]), f"{r['name']}: spills"
         if r["use_tma"] and r["config"].get("BLOCKS_N", 1) == 1:
