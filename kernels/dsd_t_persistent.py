@@ -225,10 +225,8 @@ def dsd_t_tile_schedule(topo, n: int, block_n: int, programs: int | None = None)
     default, the SM count; see the module docstring). Depends only on ``topo``, ``n``,
     ``block_n`` and ``min(programs, tiles)``: the backward's two weight gradients (``dw2``
     and ``dw1^T``, both ``N = hidden``) may share it (``schedule=``) when launched with
-    the same ``num_programs``. The tensor records that count (``_dsd_t_programs``) and
-    ``dsd_t_persistent`` refuses it for another; a schedule that lost the record (a copy,
-    a slice) can only be checked for dtype and shape. Built for another count it would
-    still cover every tile once (the same result, bit for bit), only unbalanced.
+    the same ``num_programs``. Built for another count it still covers every tile once (the
+    same result, bit for bit), only less balanced; so only its dtype and shape are checked.
     """
     E, F = topo.num_experts, topo.ffn_blocks
     nt = triton.cdiv(n, block_n)
@@ -248,7 +246,6 @@ def dsd_t_tile_schedule(topo, n: int, block_n: int, programs: int | None = None)
         _dsd_t_schedule_kernel[(triton.cdiv(num_tiles, _SCHEDULE_TILE),)](
             order, schedule, E, F, nt, grid, COL_BITS=col_bits, GROUP=GROUP, TILE=_SCHEDULE_TILE
         )
-    schedule._dsd_t_programs = grid
     return schedule
 
 
@@ -304,9 +301,6 @@ def dsd_t_persistent(data: torch.Tensor, b: torch.Tensor, topo, out: torch.Tenso
         raise ValueError(f"{op}: schedule must be int32 [{num_tiles}] on {data.device} (dsd_t_tile_schedule(topo, "
                          f"{N}, {cfg['BLOCK_N']}, {programs})), got {schedule.dtype} {tuple(schedule.shape)} on "
                          f"{schedule.device}")  # fmt: skip
-    elif getattr(schedule, "_dsd_t_programs", grid) != grid:
-        raise ValueError(f"{op}: schedule was built for {schedule._dsd_t_programs} programs, this launch runs {grid} "
-                         f"(dsd_t_tile_schedule(topo, {N}, {cfg['BLOCK_N']}, {programs}))")  # fmt: skip
     _dsd_t_persistent_kernel[(grid,)](
         data, b, out, schedule, topo.expert_offsets, topo.expert_block_offsets,
         num_tiles, programs, S, K, N, topo.ffn_blocks, topo.capacity,
