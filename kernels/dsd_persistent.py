@@ -56,6 +56,7 @@ from .config import _fits, _registers_fit, dot_precision, interpreting, needs_up
 from .persistent_common import (
     _default_programs,
     check_config_keys,
+    expert_weight_desc,
     load_expert_tile,
     resolve_tma,
     schedule_tiles,
@@ -130,12 +131,7 @@ def _descriptors(data_ptr, b_ptr, capacity, E, K, N, stride_be, stride_bk, strid
     if TMA:
         a_desc = tl.make_tensor_descriptor(data_ptr, shape=[capacity, BLOCK, BLOCK], strides=[BLOCK * BLOCK, BLOCK, 1],
                                            block_shape=[1, BLOCK, BLOCK_K])  # fmt: skip
-        if B_K_MAJOR:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, N, K], strides=[stride_be, stride_bn, 1],
-                                               block_shape=[1, BLOCK_N, BLOCK_K])  # fmt: skip
-        else:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, K, N], strides=[stride_be, stride_bk, 1],
-                                               block_shape=[1, BLOCK_K, BLOCK_N])  # fmt: skip
+        b_desc = expert_weight_desc(b_ptr, E, K, N, stride_be, stride_bk, stride_bn, B_K_MAJOR, BLOCK_K, BLOCK_N)
     else:  # unused: _k_loop takes both forms
         a_desc, b_desc = data_ptr, b_ptr
     return a_desc, b_desc

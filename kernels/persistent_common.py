@@ -53,6 +53,23 @@ def _schedule_kernel(
 
 
 @triton.jit
+def expert_weight_desc(ptr, E, K, N, stride_e, stride_k, stride_n, K_MAJOR: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BN: tl.constexpr):  # fmt: skip
+    """The 3-D TMA descriptor :func:`load_expert_tile` reads an ``[E, K, N]`` expert weight through.
+
+    ``[E, K, N]`` with box ``[1, BLOCK_K, BN]`` when N is contiguous; ``[E, N, K]`` with box
+    ``[1, BN, BLOCK_K]`` for a K-contiguous view (``K_MAJOR``: a transposed weight, read in place).
+    """
+    if K_MAJOR:
+        desc = tl.make_tensor_descriptor(ptr, shape=[E, N, K], strides=[stride_e, stride_n, 1],
+                                         block_shape=[1, BN, BLOCK_K])  # fmt: skip
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[E, K, N], strides=[stride_e, stride_k, 1],
+                                         block_shape=[1, BLOCK_K, BN])  # fmt: skip
+    return desc
+
+
+@triton.jit
 def load_expert_tile(desc, ptr, off, e, k0, col0, k_mask, col_mask, stride_k, TMA: tl.constexpr,
                      K_MAJOR: tl.constexpr, BLOCK_K: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """The ``[BLOCK_K, BN]`` tile at rows ``k0..``, columns ``col0..`` of expert ``e``'s ``[K, N]`` weight.

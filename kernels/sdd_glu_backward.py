@@ -40,7 +40,14 @@ import triton.language as tl
 
 from .checks import check_block_args, check_block_data, check_same, check_tensor
 from .config import dot_precision, interpreting, needs_upcast
-from .persistent_common import _default_programs, check_config_keys, load_expert_tile, resolve_tma, tma_problem
+from .persistent_common import (
+    _default_programs,
+    check_config_keys,
+    expert_weight_desc,
+    load_expert_tile,
+    resolve_tma,
+    tma_problem,
+)
 from .sdd_persistent import _b_layout, default_config, tile_schedule
 
 
@@ -101,12 +108,7 @@ def _sdd_glu_bwd_kernel(
     if A_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[S, K], strides=[stride_am, 1], block_shape=[BLOCK, BLOCK_K])
     if B_TMA:
-        if B_K_MAJOR:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, N, K], strides=[stride_be, stride_bn, 1],
-                                               block_shape=[1, BN, BLOCK_K])  # fmt: skip
-        else:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, K, N], strides=[stride_be, stride_bk, 1],
-                                               block_shape=[1, BLOCK_K, BN])  # fmt: skip
+        b_desc = expert_weight_desc(b_ptr, E, K, N, stride_be, stride_bk, stride_bn, B_K_MAJOR, BLOCK_K, BN)
     else:  # unused: load_expert_tile takes both forms
         b_desc = b_ptr
     CW: tl.constexpr = BN // EPI_SPLIT  # the epilogue's chunk: EPI_SPLIT column slices of the tile, one at a time

@@ -58,6 +58,7 @@ from .persistent_common import (  # noqa: F401
     _ensure_allocator,
     _schedule_kernel,
     _sm_count,
+    expert_weight_desc,
     load_expert_tile,
     check_config_keys,
     resolve_tma,
@@ -130,16 +131,8 @@ def _sdd_persistent_kernel(
     if A_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[S, K], strides=[stride_am, 1], block_shape=[BLOCK, BLOCK_K])
     if B_TMA:
-        if B_K_MAJOR:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, N, K], strides=[stride_be, stride_bn, 1],
-                                               block_shape=[1, BN, BLOCK_K])  # fmt: skip
-            v_desc = tl.make_tensor_descriptor(v_ptr, shape=[E, N, K], strides=[stride_ve, stride_vn, 1],
-                                               block_shape=[1, BN, BLOCK_K])  # fmt: skip
-        else:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E, K, N], strides=[stride_be, stride_bk, 1],
-                                               block_shape=[1, BLOCK_K, BN])  # fmt: skip
-            v_desc = tl.make_tensor_descriptor(v_ptr, shape=[E, K, N], strides=[stride_ve, stride_vk, 1],
-                                               block_shape=[1, BLOCK_K, BN])  # fmt: skip
+        b_desc = expert_weight_desc(b_ptr, E, K, N, stride_be, stride_bk, stride_bn, B_K_MAJOR, BLOCK_K, BN)
+        v_desc = expert_weight_desc(v_ptr, E, K, N, stride_ve, stride_vk, stride_vn, B_K_MAJOR, BLOCK_K, BN)
     else:  # unused: load_expert_tile takes both forms
         b_desc, v_desc = b_ptr, v_ptr
     # No warp_specialize: triton 3.9 compiled this loop with it to the same sm_90 SASS as without
