@@ -31,6 +31,8 @@ TORCH_IMPL = "blocksparse_test_torch"
 TRITON_IMPL = "blocksparse_test_triton"
 bst.register(TORCH_IMPL, backend="torch", block_size=16)
 bst.register(TRITON_IMPL, backend="triton", block_size=16)
+PERSISTENT_IMPL = "blocksparse_test_persistent"
+bst.register(PERSISTENT_IMPL, backend="persistent", block_size=16)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -189,6 +191,14 @@ def test_triton_backend_full_model(count_calls, device):
     ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(3)).to(device)
     assert_same_as_eager(model, TRITON_IMPL, ids)
     assert count_calls == ["Qwen3MoeExperts"]
+
+
+def test_persistent_backend_full_model(count_calls, device):
+    # Mixtral's SwiGLU experts on the persistent kernels (interpreted here): the same logits and gradients as eager.
+    model = build_model("mixtral", num_hidden_layers=1).to(device)
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(4)).to(device)
+    assert_same_as_eager(model, PERSISTENT_IMPL, ids)
+    assert count_calls == ["MixtralExperts"]
 
 
 def test_from_pretrained_one_line(tmp_path):

@@ -291,3 +291,16 @@ def test_as_a_backend(device):
     assert_close(ours(x), ref(x).detach(), **TOLERANCES[torch.float32], name="dMoE persistent vs torch")
     for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert_close(p.grad, q.grad, **TOLERANCES[torch.float32], name=f"dMoE grad {n}")
+
+
+def test_integration_ffn_refuses_extras(device):
+    """The transformers integration's FFN: biases (gpt-oss style) are not the persistent layer's; said so."""
+    from blocksparse_moe.integrations._ffn import dropless_ffn
+
+    T, E, k, H, ffn, bs, mode = CASES["one-token"]
+    ids = make_expert_ids(T, E, k, mode).to(device)
+    leaves, _ = _leaves(T, E, k, H, ffn, 0)
+    a = {n: v.to(device) for n, v in leaves.items()}
+    with pytest.raises(ValueError, match=r"backend='persistent' computes the plain SwiGLU FFN only"):
+        dropless_ffn(a["x"], ids, a["weights"], a["w1"], a["w2"], a["v1"], activation="silu", backend="persistent",
+                     b2=torch.zeros(E, H, device=device))  # fmt: skip

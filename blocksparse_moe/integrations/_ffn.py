@@ -39,7 +39,8 @@ from .. import ops
 from ..backends.grouped_composed import grouped_ffn_composed
 from ..backends.grouped_one_token import one_token_or_none
 from ..functional import check_ffn_args, routed_ffn
-from ..reference import get_activation
+from ..backends.select import persistent_unsupported
+from ..reference import activation_name, get_activation
 from ..routing import plan_routing
 from ..topology import Topology, build_topology
 
@@ -101,8 +102,13 @@ def dropless_ffn(
     if v1 is None and (gate is not None or bv is not None):
         raise ValueError("gate and bv apply to the up projection of a GLU: they need v1")
     act = get_activation(activation)
-    backend = ops.resolve_backend(backend, x.device, x.dtype, E, ffn)
     plain = b1 is None and bv is None and b2 is None and gate is None and post is None
+    why_not_persistent = persistent_unsupported(v1 is not None, activation_name(activation))
+    backend = ops.resolve_backend(backend, x.device, x.dtype, E, ffn, hidden=H, top_k=expert_ids.shape[1],
+                                  glu=v1 is not None, persistent_ok=plain and why_not_persistent is None)  # fmt: skip
+    if backend == "persistent" and not plain:
+        raise ValueError("backend='persistent' computes the plain SwiGLU FFN only; these experts have biases, a "
+                         "custom gate or a post function: use backend='auto', 'triton' or 'grouped'")  # fmt: skip
     if plain and backend == "grouped":  # a decode step on a CPU: no routing plan (.backends.grouped_one_token)
         y = one_token_or_none(x, expert_ids, weights, w1, w2, v1, activation, fused_gate_up)
         if y is not None:
